@@ -1,0 +1,47 @@
+"""`emae <command>`: a thin dispatcher. Each command lives in its own module, imported lazily
+(so `emae launch` or `emae --help` do not pay for importing torch).
+
+A command module defines `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Keep sorted by pipeline order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("emae.data.prepare", "write the embedded data set as an ImageFolder tree"),
+    "pretrain": ("emae.train.pretrain", "pre-train EMAE / MAE (resumes automatically)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from emae import __version__
+
+    parser = argparse.ArgumentParser(prog="emae", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"emae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        build_parser().parse_args(argv)  # prints usage / version / the error, and exits
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"emae {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    from emae.errors import run_reporting_errors
+
+    return run_reporting_errors(module.run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
