@@ -1,0 +1,314 @@
+"""Typed, validated configuration: one tree loaded from `params/*.yaml` (+ a preset) + overrides.
+
+Every tunable number lives in the YAML files under `params/`; the models below only say what
+each key is and which values are allowed, so they have no numeric defaults. A config is validated
+completely before any work starts, and a bad value is reported with the file that set it, the key,
+the value and what is allowed.
+
+Loading order (later wins): the files of `--params` (a directory means all its `*.yaml`, sorted),
+then `params/presets/<preset>.yaml` when a preset is chosen, then `key=value` overrides.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from emae.errors import ConfigError
+from emae.masking import allowed_num_parts
+
+PositiveInt = Field(gt=0)
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataConfig(Section):
+    kind: Literal["imagefolder", "cifar10", "cifar100"]
+    root: str = Field(description="ImageFolder root with train/ and val/, or the CIFAR download folder")
+    image_size: int = Field(gt=0)
+    in_chans: int = Field(gt=0)
+    num_classes: int = Field(gt=0)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_scale_min: float = Field(gt=0, le=1, description="RandomResizedCrop lower scale (MAE: 0.2)")
+    hflip: bool
+    num_workers: int = Field(ge=0)
+    skip_corrupt: bool = Field(description="skip unreadable images with a warning instead of failing")
+
+    @model_validator(mode="after")
+    def _channels(self) -> "DataConfig":
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ValueError(f"mean and std need {self.in_chans} values (in_chans)")
+        return self
+
+
+class PrepareConfig(Section):
+    source: Literal["digits"] = Field(description="the embedded data set written by `emae prepare`")
+    val_fraction: float = Field(gt=0, lt=1)
+    seed: int
+
+
+class ModelConfig(Section):
+    patch_size: int = Field(gt=0)
+    embed_dim: int = Field(gt=0)
+    depth: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    decoder_embed_dim: int = Field(gt=0)
+    decoder_depth: int = Field(gt=0)
+    decoder_num_heads: int = Field(gt=0)
+    mlp_ratio: float = Field(gt=0)
+    norm_pix_loss: bool
+    mask_ratio: float = Field(gt=0, lt=1)
+    num_parts: int = Field(gt=0, description="K: masked views per image with disjoint visible sets")
+    consistency_weight: float = Field(ge=0, description="lambda of the self-consistency loss")
+    consistency_distance: Literal["l1", "mse"]
+    grad_checkpointing: bool
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        for dim, heads, name in (
+            (self.embed_dim, self.num_heads, "embed_dim"),
+            (self.decoder_embed_dim, self.decoder_num_heads, "decoder_embed_dim"),
+        ):
+            if dim % heads:
+                raise ValueError(f"{name}={dim} is not divisible by its number of heads ({heads})")
+        return self
+
+
+class PretrainConfig(Section):
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0, description="images per device per step (each gives K views)")
+    accum_iter: int = Field(gt=0)
+    blr: float = Field(gt=0, description="lr = blr * batch_size * accum_iter * world_size / 256")
+    min_lr: float = Field(ge=0)
+    warmup_epochs: float = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    betas: tuple[float, float]
+    clip_grad: float | None = Field(gt=0, description="max grad norm, or null for none")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(description="auto: bf16 on CUDA, off on CPU")
+    compile: bool
+    seed: int
+    checkpoint_every_steps: int = Field(gt=0)
+    log_every_steps: int = Field(gt=0)
+    knn_every_epochs: int = Field(ge=0, description="kNN monitor every N epochs; 0 = off")
+    deterministic: bool
+
+
+class Config(Section):
+    data: DataConfig
+    prepare: PrepareConfig
+    model: ModelConfig
+    pretrain: PretrainConfig
+    # Sections of later stages (evaluation, launcher, sweep, pipeline) are kept as plain mappings
+    # here and validated by their own modules, so the core does not depend on them.
+    extra: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        if self.data.image_size % self.model.patch_size:
+            raise ValueError(
+                f"model.patch_size={self.model.patch_size} does not divide data.image_size="
+                f"{self.data.image_size}"
+            )
+        num_patches = (self.data.image_size // self.model.patch_size) ** 2
+        allowed = allowed_num_parts(num_patches, self.model.mask_ratio)
+        if self.model.num_parts not in allowed:
+            raise ValueError(
+                f"model.num_parts={self.model.num_parts} is not allowed with model.mask_ratio="
+                f"{self.model.mask_ratio} and {num_patches} patches: K must be in "
+                f"{allowed.start}..{allowed.stop - 1} (K * int(L * (1 - mask_ratio)) <= L)"
+            )
+        return self
+
+    @property
+    def num_patches(self) -> int:
+        return (self.data.image_size // self.model.patch_size) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.model_dump(mode="json"), **copy.deepcopy(self.extra)}
+
+
+CORE_SECTIONS = ("data", "prepare", "model", "pretrain")
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return loaded
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], origin: dict[str, str], source: str,
+           prefix: str = "") -> None:
+    """Deep-merge `update` into `base`, recording in `origin` which source set each leaf key."""
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, origin, source, dotted + ".")
+        else:
+            base[key] = copy.deepcopy(value)
+            origin[dotted] = source
+            if isinstance(value, dict):
+                for sub in _leaf_keys(value, dotted + "."):
+                    origin[sub] = source
+
+
+def _leaf_keys(tree: dict[str, Any], prefix: str) -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        keys += _leaf_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return keys
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value parsed as YAML: 0.5, true, null, [1,2])."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: the key must be section.key (e.g. model.num_parts=4)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def param_files(params: list[str | Path], preset: str | None = None) -> list[Path]:
+    """The YAML files that `params` (files or directories) and `preset` stand for, in merge order."""
+    files: list[Path] = []
+    for entry in params:
+        path = Path(entry)
+        if path.is_dir():
+            found = sorted(path.glob("*.yaml"))
+            if not found:
+                raise ConfigError(f"{path}: no *.yaml params files in this directory")
+            files += found
+        elif path.exists():
+            files.append(path)
+        else:
+            raise ConfigError(f"{path}: params file or directory not found")
+    if preset:
+        roots = {p.parent for p in files} or {Path("params")}
+        candidates = [root / "presets" / f"{preset}.yaml" for root in sorted(roots)]
+        found = [c for c in candidates if c.exists()]
+        if not found:
+            available = sorted({p.stem for root in roots for p in (root / "presets").glob("*.yaml")})
+            raise ConfigError(f"preset {preset!r} not found (looked for {candidates[0]}); "
+                              f"available: {', '.join(available) or 'none'}")
+        files.append(found[0])
+    return files
+
+
+def load_raw(params: list[str | Path], overrides: list[str] = (), preset: str | None = None
+             ) -> tuple[dict[str, Any], dict[str, str]]:
+    """Merged params tree and, for each leaf key, the file (or 'override') that set it."""
+    tree: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for path in param_files(params, preset):
+        _merge(tree, _read_yaml(path), origin, str(path))
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: dict[str, Any] = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[:-1])} is not a section")
+        node[parts[-1]] = value
+        origin[".".join(parts)] = f"override {text!r}"
+    return tree, origin
+
+
+def explain_validation_error(err: ValidationError, origin: dict[str, str], root: str = "") -> str:
+    """One line per problem: `file: key = value: what is allowed`."""
+    lines = []
+    for problem in err.errors():
+        loc = [str(p) for p in problem["loc"]]
+        key = ".".join(([root] if root else []) + loc)
+        source = _source_of(key, origin)
+        message = problem["msg"]
+        if problem["type"] == "missing":
+            lines.append(f"{source}: {key} is missing (required)")
+        elif problem["type"] == "extra_forbidden":
+            lines.append(f"{source}: {key} is not a known key")
+        else:
+            value = problem.get("input")
+            shown = "" if isinstance(value, dict) else f" = {value!r}"
+            lines.append(f"{source}: {key}{shown}: {message}")
+    return "invalid params:\n  " + "\n  ".join(lines)
+
+
+def _source_of(key: str, origin: dict[str, str]) -> str:
+    while key:
+        if key in origin:
+            return origin[key]
+        matches = [src for k, src in origin.items() if k.startswith(key + ".")]
+        if matches:
+            return sorted(set(matches))[0]
+        key = key.rpartition(".")[0]
+    return "params"
+
+
+def validate_section(model: type[BaseModel], tree: dict[str, Any], name: str,
+                     origin: dict[str, str] | None = None) -> Any:
+    """Validate one section of the tree with its pydantic model; errors name file, key and value."""
+    if name not in tree:
+        raise ConfigError(f"{_source_of(name, origin or {})}: section {name!r} is missing")
+    try:
+        return model.model_validate(tree[name])
+    except ValidationError as err:
+        raise ConfigError(explain_validation_error(err, origin or {}, name)) from None
+
+
+def load_config(params: list[str | Path], overrides: list[str] = (), preset: str | None = None,
+                ) -> Config:
+    """Load, merge and validate the core config; other sections are kept in `Config.extra`."""
+    tree, origin = load_raw(params, overrides, preset)
+    return config_from_tree(tree, origin)
+
+
+def config_from_tree(tree: dict[str, Any], origin: dict[str, str] | None = None) -> Config:
+    core = {k: v for k, v in tree.items() if k in CORE_SECTIONS}
+    extra = {k: v for k, v in tree.items() if k not in CORE_SECTIONS}
+    try:
+        config = Config.model_validate(core)
+    except ValidationError as err:
+        raise ConfigError(_cross_check_message(err, origin or {})) from None
+    config.extra = extra
+    return config
+
+
+def _cross_check_message(err: ValidationError, origin: dict[str, str]) -> str:
+    problems = err.errors()
+    # A cross-section check failing at the root carries its own explanation; name the file of the
+    # first key its message mentions.
+    if len(problems) == 1 and not problems[0]["loc"]:
+        message = problems[0]["msg"].removeprefix("Value error, ")
+        key = message.split("=", 1)[0]
+        return f"invalid params:\n  {_source_of(key, origin)}: {message}"
+    return explain_validation_error(err, origin)
+
+
+def save_config(config: Config, path: Path) -> None:
+    from emae.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,93 @@
+"""What runs inside a job: an emae command line, executed in-process (``emae.cli.main(argv)``).
+
+:class:`EmaeCommand` is the callable that submitit pickles. It is checkpointable: on a time-out or a
+preemption submitit calls :meth:`EmaeCommand.checkpoint`, which resubmits the same command line; emae
+commands that train resume from their last checkpoint when rerun with the same ``--out``, so a
+requeued job carries on where it stopped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, Callable
+
+DEFAULT_ENTRY = "emae.cli:main"
+
+
+def resolve_entry(entry: str) -> Callable[[list[str]], Any]:
+    """``"package.module:function"`` -> the function (called with the argv list)."""
+    module_name, sep, func_name = entry.partition(":")
+    if not sep or not module_name or not func_name:
+        raise ValueError(f"entry {entry!r}: expected 'package.module:function'")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, func_name)
+    except AttributeError:
+        raise ValueError(f"entry {entry!r}: {module_name} has no {func_name}") from None
+
+
+def call_entry(entry: str, argv: Sequence[str]) -> int:
+    """Call the entry function with `argv`; its return value or ``SystemExit`` becomes an exit code."""
+    func = resolve_entry(entry)
+    try:
+        code = func(list(argv))
+    except SystemExit as stop:
+        code = stop.code
+    if code is None:
+        return 0
+    if isinstance(code, bool):
+        return int(code)
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)  # sys.exit("message") convention
+    return 1
+
+
+class EmaeCommand:
+    """A checkpointable submitit callable running ``entry(argv)`` (by default ``emae.cli.main``).
+
+    In a multi-task job (``tasks_per_node`` x ``nodes`` > 1) every task first exports the
+    torch.distributed env:// variables (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK,
+    LOCAL_WORLD_SIZE) with ``submitit.helpers.TorchDistributedEnvironment``; with one GPU per task
+    (`bind_gpu_to_task`) CUDA_VISIBLE_DEVICES is narrowed to the task's local rank.
+    """
+
+    def __init__(self, argv: Sequence[str], entry: str = DEFAULT_ENTRY, bind_gpu_to_task: bool = False) -> None:
+        self.argv = [str(a) for a in argv]
+        self.entry = entry
+        self.bind_gpu_to_task = bind_gpu_to_task
+
+    def __call__(self) -> int:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(
+                set_cuda_visible_devices=self.bind_gpu_to_task, overwrite=True
+            )
+        print(
+            f"[emae.launch] job {env.job_id} task {env.global_rank}/{env.num_tasks} on {env.hostname}"
+            f" (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}): {self.describe()}",
+            flush=True,
+        )
+        code = call_entry(self.entry, self.argv)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return code
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """Requeue the same command: training resumes from its own last checkpoint."""
+        import submitit
+
+        print(f"[emae.launch] checkpoint: requeueing {self.describe()}", flush=True)
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+    def describe(self) -> str:
+        prog = "emae" if self.entry == DEFAULT_ENTRY else self.entry
+        return " ".join([prog, *self.argv])
+
+    def __repr__(self) -> str:
+        return f"EmaeCommand({self.argv!r}, entry={self.entry!r})"

@@ -1,0 +1,62 @@
+"""Deterministic randomness: seeds derived from names, and per-sample seeded augmentation.
+
+Every random draw of training is a function of (seed, what, epoch/step, index), never of how far
+a process got before it was killed, so a resumed run draws exactly what an uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts, e.g. derive_seed(0, "mask", step, rank)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch (CPU), numpy and python's `random` inside the block; restore them after.
+    Transforms of torchvision and timm draw from these global generators."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % (1 << 32))
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def rng_states() -> dict[str, object]:
+    states: dict[str, object] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, object]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

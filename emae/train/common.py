@@ -1,0 +1,47 @@
+"""What every stage command shares: params arguments, devices, autocast."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from typing import Any
+
+import torch
+
+from emae.config import Config, load_config
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, out_required: bool = False) -> None:
+    parser.add_argument("--params", "-p", action="append", default=None, metavar="PATH",
+                        help="params file or directory (repeatable, later wins; default: params/)")
+    parser.add_argument("--preset", default=None,
+                        help="overlay params/presets/<PRESET>.yaml (e.g. cifar10, imagenet_vit_b16)")
+    parser.add_argument("--out", "-o", required=out_required, default=None, metavar="DIR",
+                        help="output folder")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override params, e.g. model.num_parts=4 pretrain.epochs=2")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.params or ["params"], args.overrides, args.preset)
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """None means full precision. 'auto' is bf16 on CUDA and off on CPU (CPU bf16 is slower)."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "fp16":
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

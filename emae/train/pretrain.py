@@ -1,0 +1,309 @@
+"""`emae pretrain`: pre-train EMAE (or MAE: K=1, lambda=0) and export the encoder.
+
+The loop reads top to bottom: set up -> resume if `OUT/checkpoints/last.pt` exists -> for each
+step: masks, forward, backward, optimizer step, log, checkpoint -> export. Rerunning the same
+command continues where a killed run stopped and ends with the same weights as an uninterrupted
+run (data order, augmentation and masks are functions of the seed and the position, see
+`emae.seeding`).
+
+Learning rate: lr = blr * batch_size * accum_iter * world_size / 256, i.e. the effective batch
+counts *images*, not the K*images views (as in MAE, whose recipe EMAE inherits).
+
+Output folder:
+  config.yaml          the resolved config
+  checkpoints/last.pt  model (with decoder), optimizer, scaler, position, RNG states, config
+  log.jsonl            one line per epoch (loss parts, lr, images/s, seconds, kNN when monitored)
+  steps.jsonl          per-step scalars every `log_every_steps` (also in tb/ for TensorBoard)
+  encoder.safetensors  the encoder alone, timm VisionTransformer key names
+  metrics.json         final figures (pretrain_seconds, final losses, ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from emae.config import Config, save_config
+from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, pretrain_transform
+from emae.errors import EmaeError
+from emae.io import atomic_write_text, write_json
+from emae.models import EMAE, save_encoder
+from emae.models.export import ENCODER_FILE
+from emae.seeding import derive_seed, rng_states, seed_everything, set_rng_states
+from emae.train import distributed
+from emae.train.checkpoint import load_checkpoint, save_checkpoint
+from emae.train.common import (add_config_arguments, autocast, autocast_dtype, config_from_args,
+                               default_device)
+
+log = logging.getLogger("emae.pretrain")
+
+
+class NonFiniteLossError(EmaeError):
+    pass
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, out_required=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    metrics = pretrain(config_from_args(args), Path(args.out))
+    if metrics:
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+def build_optimizer(model: torch.nn.Module, config: Config, lr: float) -> torch.optim.Optimizer:
+    """AdamW without weight decay on norms, biases, tokens and position embeddings."""
+    cfg = config.pretrain
+    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=model.no_weight_decay())
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=fused)
+
+
+def pretrain(config: Config, out: Path) -> dict[str, Any]:
+    cfg = config.pretrain
+    dist_info = distributed.init_distributed()
+    device = default_device()
+    if cfg.deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(derive_seed(cfg.seed, "init"))  # same initial weights on every rank
+
+    # data: batches of (index, augmentation seed), resumable mid-epoch
+    dataset = SeededDataset(build_dataset(config.data, "train", pretrain_transform(config.data)))
+    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed, dist_info.rank,
+                                    dist_info.world_size)
+    steps_per_epoch = len(sampler) // cfg.accum_iter  # optimizer steps
+    if steps_per_epoch == 0:
+        raise EmaeError(f"data set has {len(dataset)} images: too few for pretrain.batch_size="
+                        f"{cfg.batch_size} x accum_iter={cfg.accum_iter} x {dist_info.world_size} ranks")
+    total_steps = steps_per_epoch * cfg.epochs
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.data.num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+
+    # model, optimizer, schedule
+    model = EMAE.from_config(config.model, config.data).to(device)
+    eff_batch = cfg.batch_size * cfg.accum_iter * dist_info.world_size
+    lr = cfg.blr * eff_batch / 256
+    optimizer = build_optimizer(model, config, lr)
+    warmup_steps = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
+    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps - warmup_steps, lr_min=cfg.min_lr,
+                                  warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=True,
+                                  t_in_epochs=False)
+    amp_dtype = autocast_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    # resume
+    ckpt_path = out / "checkpoints" / "last.pt"
+    state = load_checkpoint(ckpt_path)
+    step, elapsed = 0, 0.0
+    if state is not None:
+        _check_same_run(state["config"], config, ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)])
+        step, elapsed = state["step"], state["elapsed_seconds"]
+        if dist_info.is_main:
+            log.info("resuming from %s at step %d/%d", ckpt_path, step, total_steps)
+    if step >= total_steps and (out / "metrics.json").exists():
+        log.info("%s is complete (%d steps); nothing to do", out, total_steps)
+        return json.loads((out / "metrics.json").read_text()) if dist_info.is_main else {}
+
+    train_model: torch.nn.Module = model
+    if cfg.compile:
+        train_model = torch.compile(model)
+    if dist_info.enabled:
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+        _truncate_logs(out, step, steps_per_epoch)
+        log.info("pre-training %s: K=%d mask_ratio=%.2f lambda=%g, %d steps of %d images (lr %.3g)",
+                 out, config.model.num_parts, config.model.mask_ratio,
+                 config.model.consistency_weight, total_steps, eff_batch, lr)
+    writer = _tensorboard(out) if dist_info.is_main else None
+
+    # the loop
+    mask_generator = torch.Generator(device=device)
+    start_epoch = step // steps_per_epoch
+    epoch_stats: dict[str, float] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        first_step = epoch * steps_per_epoch
+        sampler.set_position(epoch, (step - first_step) * cfg.accum_iter)
+        epoch_start, epoch_images, epoch_start_step = time.perf_counter(), 0, step
+        sums = {"loss": 0.0, "recon_loss": 0.0, "consistency_loss": 0.0}
+        progress = tqdm(total=steps_per_epoch, initial=step - first_step, disable=not dist_info.is_main,
+                        desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True)
+        micro = 0
+        for batch in loader:
+            imgs = batch[0].to(device, non_blocking=True)
+            scheduler.step_update(step)
+            mask_generator.manual_seed(derive_seed(cfg.seed, "mask", step, micro, dist_info.rank))
+            last_micro = micro == cfg.accum_iter - 1
+            sync = last_micro or not dist_info.enabled
+            with (train_model.no_sync() if not sync else contextlib.nullcontext()), autocast(device, amp_dtype):
+                output = train_model(imgs, generator=mask_generator)
+            parts = {k: getattr(output, k).detach() for k in sums}
+            if not all(math.isfinite(float(v)) for v in parts.values()):
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} (" + ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+                    + f"); the last good checkpoint is kept at {ckpt_path}")
+            with (train_model.no_sync() if not sync else contextlib.nullcontext()):
+                scaler.scale(output.loss / cfg.accum_iter).backward()
+            for k, v in parts.items():
+                sums[k] += float(v) / cfg.accum_iter
+            epoch_images += imgs.shape[0] * dist_info.world_size
+            micro += 1
+            if not last_micro:
+                continue
+            micro = 0
+            if cfg.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1)
+            if dist_info.is_main and step % cfg.log_every_steps == 0:
+                scalars = {k: float(v) for k, v in parts.items()} | {"lr": optimizer.param_groups[0]["lr"]}
+                _log_step(out, writer, step, scalars)
+                progress.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
+            if step % cfg.checkpoint_every_steps == 0:
+                elapsed_now = elapsed + time.perf_counter() - epoch_start
+                _save(ckpt_path, model, optimizer, scaler, config, step, elapsed_now, dist_info)
+        progress.close()
+        epoch_seconds = time.perf_counter() - epoch_start
+        elapsed += epoch_seconds
+        steps_run = max(step - epoch_start_step, 1)  # steps this process ran in this epoch
+        epoch_stats = {k: _mean_across(v / steps_run, dist_info, device) for k, v in sums.items()}
+        epoch_stats |= {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                        "images_per_s": epoch_images / epoch_seconds, "epoch_seconds": epoch_seconds,
+                        "pretrain_seconds": elapsed}
+        if cfg.knn_every_epochs and ((epoch + 1) % cfg.knn_every_epochs == 0 or epoch + 1 == cfg.epochs):
+            epoch_stats |= _knn_monitor(model, config, device, dist_info)
+        if dist_info.is_main:
+            _append_jsonl(out / "log.jsonl", epoch_stats)
+            if writer is not None:
+                for k, v in epoch_stats.items():
+                    writer.add_scalar(f"epoch/{k}", v, epoch + 1)
+        # end of epoch: save again (the timing and log line are now complete)
+        _save(ckpt_path, model, optimizer, scaler, config, step, elapsed, dist_info)
+
+    metrics: dict[str, Any] = {}
+    if dist_info.is_main:
+        save_encoder(model, out / ENCODER_FILE)
+        metrics = {"epochs": cfg.epochs, "steps": step, "pretrain_seconds": elapsed,
+                   "final_loss": epoch_stats.get("loss"), "final_recon_loss": epoch_stats.get("recon_loss"),
+                   "final_consistency_loss": epoch_stats.get("consistency_loss"),
+                   "num_parts": config.model.num_parts, "mask_ratio": config.model.mask_ratio,
+                   "consistency_weight": config.model.consistency_weight,
+                   "effective_batch_size": eff_batch, "world_size": dist_info.world_size}
+        for key in ("knn_top1", "knn_top5"):
+            if key in epoch_stats:
+                metrics[key] = epoch_stats[key]
+        write_json(out / "metrics.json", metrics)
+        if writer is not None:
+            writer.close()
+    distributed.barrier(dist_info)
+    distributed.cleanup(dist_info)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _save(path: Path, model: EMAE, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+          config: Config, step: int, elapsed: float, dist_info: distributed.DistInfo) -> None:
+    rng = _gather_rng(dist_info)
+    if dist_info.is_main:
+        save_checkpoint(path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "elapsed_seconds": elapsed,
+            "config": config.to_dict(), "rng": rng,
+        })
+    distributed.barrier(dist_info)
+
+
+def _gather_rng(dist_info: distributed.DistInfo) -> list[dict[str, Any]]:
+    """RNG states of every rank (rank r resumes from entry r)."""
+    states = rng_states()
+    if not dist_info.enabled:
+        return [states]
+    gathered: list[Any] = [None] * dist_info.world_size
+    torch.distributed.all_gather_object(gathered, states)
+    return gathered
+
+
+def _mean_across(value: float, dist_info: distributed.DistInfo, device: torch.device) -> float:
+    return float(distributed.all_reduce_mean(torch.tensor(value, device=device), dist_info))
+
+
+def _check_same_run(saved: dict[str, Any], config: Config, path: Path) -> None:
+    """Resuming with other model/data/pretrain settings would silently mix two runs."""
+    now = config.to_dict()
+    changed = [f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
+               for section in ("model", "pretrain", "data") for key, value in now[section].items()
+               if saved.get(section, {}).get(key) != value and key not in ("num_workers", "epochs",
+                                                                          "root", "knn_every_epochs")]
+    if changed:
+        raise EmaeError(f"{path} was written with other params; use another --out or move it away. "
+                        "Changed: " + "; ".join(changed))
+
+
+def _knn_monitor(model: EMAE, config: Config, device: torch.device,
+                 dist_info: distributed.DistInfo) -> dict[str, float]:
+    from emae.eval.knn import knn_monitor
+
+    was_training = model.training
+    model.eval()
+    result = knn_monitor(model.encoder, config, device, dist_info)
+    model.train(was_training)
+    return result
+
+
+def _tensorboard(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but a minimal GPU image may lack it
+        log.warning("tensorboard is not installed: per-step scalars go to steps.jsonl only")
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+def _log_step(out: Path, writer: Any, step: int, scalars: dict[str, float]) -> None:
+    _append_jsonl(out / "steps.jsonl", {"step": step, **scalars})
+    if writer is not None:
+        for k, v in scalars.items():
+            writer.add_scalar(f"train/{k}", v, step)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _truncate_logs(out: Path, step: int, steps_per_epoch: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+    for name, key, limit in (("steps.jsonl", "step", step), ("log.jsonl", "epoch", step // steps_per_epoch)):
+        path = out / name
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)[key] <= limit]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
