@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("emae.data.prepare", "write the embedded data set as an ImageFolder tree"),
     "pretrain": ("emae.train.pretrain", "pre-train EMAE / MAE (resumes automatically)"),
+    "launch": ("emae.launch.cli", "run an emae command locally or as a SLURM job (submitit)"),
 }
 
 

@@ -107,7 +107,10 @@ class LauncherConfig(BaseModel):
     signal_delay_s: PositiveInt = Field(
         90, description="the job gets SIGUSR2 this long before its time limit: checkpoint and requeue"
     )
-    poll_interval_s: PositiveFloat = Field(2.0, description="seconds between log/state polls")
+    poll_interval_s: PositiveFloat = Field(2.0, description="seconds between polls of the job's logs and result")
+    state_interval_s: PositiveFloat = Field(
+        10.0, description="seconds between scheduler queries (squeue, then sacct) while the job runs"
+    )
     result_grace_s: NonNegativeFloat = Field(
         30.0, description="a finished job's result file may lag (shared filesystems): wait this long"
     )
