@@ -110,6 +110,11 @@ class Config(Section):
     # Sections of later stages (evaluation, launcher, sweep, pipeline) are kept as plain mappings
     # here and validated by their own modules, so the core does not depend on them.
     extra: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    origin: dict[str, str] = Field(default_factory=dict, exclude=True)  # key -> file that set it
+
+    def section(self, name: str, model: type[BaseModel] | None = None) -> Any:
+        """A later stage's section, validated by its model (default: the registered one)."""
+        return validate_section(model or section_model(name), self.extra, name, self.origin)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -137,6 +142,26 @@ class Config(Section):
 
 
 CORE_SECTIONS = ("data", "prepare", "model", "pretrain")
+
+# Sections of later stages: name -> "module:Model". Their modules own their schema; listing them
+# here lets `validate_all` check a whole params tree before anything is submitted.
+SECTION_MODELS: dict[str, str] = {
+}
+
+
+def section_model(name: str) -> type[BaseModel]:
+    import importlib
+
+    if name not in SECTION_MODELS:
+        raise ConfigError(f"unknown params section {name!r}; known: "
+                          f"{', '.join(sorted([*CORE_SECTIONS, *SECTION_MODELS]))}")
+    module, cls = SECTION_MODELS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def validate_all(config: "Config") -> dict[str, Any]:
+    """Validate every section of the tree (core ones already are); unknown sections are errors."""
+    return {name: config.section(name) for name in config.extra}
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -289,11 +314,17 @@ def load_config(params: list[str | Path], overrides: list[str] = (), preset: str
 def config_from_tree(tree: dict[str, Any], origin: dict[str, str] | None = None) -> Config:
     core = {k: v for k, v in tree.items() if k in CORE_SECTIONS}
     extra = {k: v for k, v in tree.items() if k not in CORE_SECTIONS}
+    unknown = [k for k in extra if k not in SECTION_MODELS]
+    if unknown:
+        known = ", ".join(sorted([*CORE_SECTIONS, *SECTION_MODELS]))
+        raise ConfigError("invalid params:\n  " + "\n  ".join(
+            f"{_source_of(k, origin or {})}: unknown section {k!r} (known: {known})" for k in unknown))
     try:
         config = Config.model_validate(core)
     except ValidationError as err:
         raise ConfigError(_cross_check_message(err, origin or {})) from None
     config.extra = extra
+    config.origin = dict(origin or {})
     return config
 
 
