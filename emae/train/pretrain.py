@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from timm.optim import param_groups_weight_decay
@@ -74,7 +74,13 @@ def build_optimizer(model: torch.nn.Module, config: Config, lr: float) -> torch.
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=fused)
 
 
-def pretrain(config: Config, out: Path) -> dict[str, Any]:
+def pretrain(config: Config, out: Path,
+             epoch_callback: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Pre-train into `out` (resuming from its checkpoint) and return the final metrics.
+
+    `epoch_callback(stats)` runs on rank 0 after each epoch's checkpoint (e.g. Optuna reporting
+    the kNN monitor); an exception it raises (e.g. `optuna.TrialPruned`) ends the run there.
+    """
     cfg = config.pretrain
     dist_info = distributed.init_distributed()
     device = default_device()
@@ -205,6 +211,8 @@ def pretrain(config: Config, out: Path) -> dict[str, Any]:
                     writer.add_scalar(f"epoch/{k}", v, epoch + 1)
         # end of epoch: save again (the timing and log line are now complete)
         _save(ckpt_path, model, optimizer, scaler, config, step, elapsed, dist_info)
+        if epoch_callback is not None and dist_info.is_main:
+            epoch_callback(epoch_stats)
 
     metrics: dict[str, Any] = {}
     if dist_info.is_main:
