@@ -46,7 +46,8 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _channels(self) -> "DataConfig":
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
-            raise ValueError(f"mean and std need {self.in_chans} values (in_chans)")
+            raise ValueError(f"data.mean={list(self.mean)} and data.std={list(self.std)} need "
+                             f"data.in_chans={self.in_chans} values each")
         return self
 
 
@@ -79,7 +80,8 @@ class ModelConfig(Section):
             (self.decoder_embed_dim, self.decoder_num_heads, "decoder_embed_dim"),
         ):
             if dim % heads:
-                raise ValueError(f"{name}={dim} is not divisible by its number of heads ({heads})")
+                head_key = "num_heads" if name == "embed_dim" else "decoder_num_heads"
+                raise ValueError(f"model.{name}={dim} is not divisible by model.{head_key}={heads}")
         return self
 
 
@@ -275,11 +277,21 @@ def explain_validation_error(err: ValidationError, origin: dict[str, str], root:
             lines.append(f"{source}: {key} is missing (required)")
         elif problem["type"] == "extra_forbidden":
             lines.append(f"{source}: {key} is not a known key")
+        elif isinstance(problem.get("input"), dict):  # a check across keys: its message names them
+            message = message.removeprefix("Value error, ")
+            lines.append(f"{_source_of_message(message, origin, source)}: {message}")
         else:
-            value = problem.get("input")
-            shown = "" if isinstance(value, dict) else f" = {value!r}"
-            lines.append(f"{source}: {key}{shown}: {message}")
+            lines.append(f"{source}: {key} = {problem.get('input')!r}: {message}")
     return "invalid params:\n  " + "\n  ".join(lines)
+
+
+def _source_of_message(message: str, origin: dict[str, str], fallback: str) -> str:
+    """The source of the keys a cross-key message names (an override wins over a file)."""
+    import re
+
+    sources = [origin[k] for k in re.findall(r"[a-z_]+\.[a-z_.]+", message) if k in origin]
+    overrides = [s for s in sources if s.startswith("override")]
+    return (overrides or sources or [fallback])[0]
 
 
 def _source_of(key: str, origin: dict[str, str]) -> str:
@@ -332,10 +344,6 @@ def _cross_check_message(err: ValidationError, origin: dict[str, str]) -> str:
     problems = err.errors()
     # A cross-section check failing at the root carries its own explanation; name the file of the
     # first key its message mentions.
-    if len(problems) == 1 and not problems[0]["loc"]:
-        message = problems[0]["msg"].removeprefix("Value error, ")
-        key = message.split("=", 1)[0]
-        return f"invalid params:\n  {_source_of(key, origin)}: {message}"
     return explain_validation_error(err, origin)
 
 
