@@ -29,13 +29,26 @@ def resolve_entry(entry: str) -> Callable[[list[str]], Any]:
         raise ValueError(f"entry {entry!r}: {module_name} has no {func_name}") from None
 
 
+# Set (in this process only, never pickled) when submitit's signal handler has called
+# EmaeCommand.checkpoint(): the SystemExit it raises next must end the job without a result, so that
+# the requeued job runs again, instead of being taken for the command's own exit code.
+_REQUEUEING = False
+
+
 def call_entry(entry: str, argv: Sequence[str]) -> int:
     """Call the entry function with `argv`; its return value or ``SystemExit`` becomes an exit code."""
     func = resolve_entry(entry)
     try:
         code = func(list(argv))
     except SystemExit as stop:
+        if _REQUEUEING:
+            raise
         code = stop.code
+    return exit_code(code)
+
+
+def exit_code(code: Any) -> int:
+    """An entry function's return value / ``SystemExit.code`` -> an int exit status."""
     if code is None:
         return 0
     if isinstance(code, bool):
@@ -82,6 +95,8 @@ class EmaeCommand:
         """Requeue the same command: training resumes from its own last checkpoint."""
         import submitit
 
+        global _REQUEUEING
+        _REQUEUEING = True
         print(f"[emae.launch] checkpoint: requeueing {self.describe()}", flush=True)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 

@@ -1,0 +1,277 @@
+"""`emae launch` without SLURM: the settings, and the submitit code path with submitit's local
+executor (`kind: submitit-local`) and a plain subprocess (`kind: local`). Cheap selftest commands
+(emae.launch.selftest) stand in for training."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest_slurm import SELFTEST, Launch, launcher_env, pid_alive, wait_until
+from emae.errors import ConfigError
+from emae.launch import (
+    LauncherConfig,
+    apply_overrides,
+    call_entry,
+    launch,
+    load_launcher_config,
+    local_command,
+    watch,
+)
+from emae.launch.cli import split_rest
+from emae.launch.runner import GONE, SlurmStateProbe
+
+pytestmark = pytest.mark.timeout(120)
+
+FAST = ["poll_interval_s=0.2", "state_interval_s=0.2", "result_grace_s=2"]
+
+
+def sublocal(tmp_path: Path) -> list[str]:
+    return ["kind=submitit-local", f"folder={tmp_path}/logs/%j", *FAST]
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+def test_defaults_run_locally() -> None:
+    config = load_launcher_config(None)
+    assert config.kind == "local"
+    assert config.for_stage("anything").gpus_per_node == 0
+
+
+def test_per_stage_overrides_merge() -> None:
+    config = LauncherConfig.model_validate({
+        "kind": "slurm",
+        "resources": {"partition": "cpu", "time_min": 30, "additional_parameters": {"constraint": "x"},
+                      "setup": ["module load a"]},
+        "stages": {"pretrain": {"partition": "gpu", "gpus_per_node": 4, "tasks_per_node": 4,
+                                "additional_parameters": {"exclusive": True}, "setup": ["module load b"]}},
+    })
+    pre = config.for_stage("pretrain")
+    assert (pre.partition, pre.gpus_per_node, pre.tasks_per_node, pre.time_min) == ("gpu", 4, 4, 30)
+    assert pre.additional_parameters == {"constraint": "x", "exclusive": True}
+    assert pre.setup == ["module load a", "module load b"]
+    report = config.for_stage("report")
+    assert (report.partition, report.gpus_per_node) == ("cpu", 0)
+
+
+def test_yaml_launcher_section_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "launcher.yaml"
+    path.write_text("launcher:\n  kind: slurm\n  resources: {partition: gpu}\n")
+    config = load_launcher_config(path, ["stages.pretrain.gpus_per_node=2", "launcher.resources.mem_gb=7.5",
+                                         "resources.qos=null"])
+    assert config.kind == "slurm"
+    assert config.for_stage("pretrain").gpus_per_node == 2
+    assert config.resources.mem_gb == 7.5 and config.resources.qos is None
+    # a bare mapping is accepted too
+    path.write_text("kind: submitit-local\n")
+    assert load_launcher_config(path).kind == "submitit-local"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("launcher:\n  kind: pbs\n", ["launcher.yaml: launcher", "kind", "'pbs'", "local"]),
+        ("launcher:\n  resources: {gpus: 2}\n", ["resources.gpus", "unknown key"]),
+        ("launcher:\n  stages: {pretrain: {time_min: -5}}\n", ["stages.pretrain.time_min", "-5"]),
+        ("- 1\n- 2\n", ["expected a mapping"]),
+    ],
+)
+def test_bad_settings_name_file_key_value(tmp_path: Path, text: str, expected: list[str]) -> None:
+    path = tmp_path / "launcher.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_launcher_config(path)
+    for part in expected:
+        assert part in str(info.value)
+
+
+def test_bad_override() -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        load_launcher_config(None, ["kind"])
+    with pytest.raises(ConfigError, match="nodes"):
+        load_launcher_config(None, ["resources.nodes=zero"])
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=[1, 2]"]) == {"a": {"b": 1, "c": [1, 2]}}
+
+
+def test_cli_needs_double_dash() -> None:
+    assert split_rest(["kind=slurm", "--", "pretrain", "--out", "x"]) == (["kind=slurm"], ["pretrain", "--out", "x"])
+    with pytest.raises(ConfigError, match="--"):
+        split_rest(["pretrain"])
+    with pytest.raises(ConfigError, match="before"):
+        split_rest(["kind=slurm", "--stage", "x", "--", "pretrain"])
+
+
+def test_call_entry_exit_codes() -> None:
+    assert call_entry(SELFTEST, ["echo", "x"]) == 0
+    assert call_entry(SELFTEST, ["fail", "4"]) == 4
+    assert call_entry("emae.cli:main", ["--version"]) == 0  # argparse's SystemExit(0)
+    assert call_entry("emae.cli:main", ["no-such-command"]) == 2
+
+
+def test_local_command_uses_torchrun_for_several_tasks() -> None:
+    assert local_command(["x"], nproc=1)[1:] == ["-m", "emae.launch._entry", "emae.cli:main", "x"]
+    cmd = local_command(["x"], nproc=2)
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc-per-node=2" in cmd
+
+
+def test_dry_run_prints_stage_resources(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "emae.cli", "launch", "--stage", "t", "--dry-run", "kind=slurm",
+         "stages.t.gpus_per_node=3", "--", "pretrain"],
+        cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "gpus_per_node: 3" in proc.stdout and "kind: slurm" in proc.stdout
+
+
+def test_bad_settings_exit_2_with_a_clean_message(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "emae.cli", "launch", "--stage", "t", "kind=pbs", "--", "pretrain"],
+        cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("emae: error: invalid launcher settings") and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------- submitit local executor
+
+
+def test_submitit_local_runs_and_streams(tmp_path: Path) -> None:
+    run = Launch(tmp_path, ["echo", "hello", "world"], sublocal(tmp_path))
+    assert run.wait(60) == 0, run.describe()
+    assert "hello\nworld\n" in run.stdout
+    assert "stderr: hello world" in run.stderr
+    assert "completed" in run.stdout
+
+
+def test_submitit_local_emae_version(tmp_path: Path) -> None:
+    run = Launch(tmp_path, ["--version"], sublocal(tmp_path), entry="emae.cli:main")
+    assert run.wait(60) == 0, run.describe()
+    assert "emae " in run.stdout
+
+
+def test_in_process_api_streams_into_given_files(tmp_path: Path) -> None:
+    config = load_launcher_config(None, sublocal(tmp_path))
+    out, err = io.StringIO(), io.StringIO()
+    code = launch(["echo", "api"], stage="t", config=config, entry=SELFTEST, out=out, err=err)
+    assert code == 0, err.getvalue()
+    assert "api\n" in out.getvalue() and "stderr: api" in err.getvalue()
+
+
+@pytest.mark.parametrize("command, code, message", [
+    (["fail", "3"], 3, "exited with code 3"),
+    (["raise"], 1, "RuntimeError: selftest: raised on purpose"),
+])
+def test_submitit_local_failure_is_reported(tmp_path: Path, command: list[str], code: int, message: str) -> None:
+    run = Launch(tmp_path, command, sublocal(tmp_path))
+    assert run.wait(60) == code, run.describe()
+    assert message in run.stderr
+
+
+def test_submitit_local_killed_job_fails_in_bounded_time(tmp_path: Path) -> None:
+    run = Launch(tmp_path, ["die"], sublocal(tmp_path))
+    assert run.wait(60) == 1, run.describe()
+    assert "without writing its result" in run.stderr
+    assert "dying" in run.stderr  # the tail of the job's stderr is in the message
+    assert run.elapsed < 30
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_submitit_local_interrupt_cancels_the_job(tmp_path: Path, sig: signal.Signals) -> None:
+    pid_file = tmp_path / "task.pid"
+    run = Launch(tmp_path, ["sleep", "120", "--pid-file", str(pid_file)], sublocal(tmp_path))
+    run.wait_for_output("tick 1", 30)
+    task_pid = int(pid_file.read_text())
+    assert pid_alive(task_pid)
+    run.proc.send_signal(sig)
+    assert run.wait(30) == 128 + sig, run.describe()
+    assert "cancelled" in run.stderr
+    wait_until(lambda: not pid_alive(task_pid), 20, f"the job's process {task_pid} to exit")
+
+
+# ----------------------------------------------------------------------------------------- kind: local
+
+
+def test_local_subprocess_streams_and_propagates_codes(tmp_path: Path) -> None:
+    run = Launch(tmp_path, ["echo", "plain"], [])
+    assert run.wait(60) == 0, run.describe()
+    assert "plain" in run.stdout and "stderr: plain" in run.stderr
+    run = Launch(tmp_path, ["fail", "5"], [])
+    assert run.wait(60) == 5
+    assert "exited with code 5" in run.stderr
+
+
+def test_local_subprocess_interrupt(tmp_path: Path) -> None:
+    pid_file = tmp_path / "task.pid"
+    run = Launch(tmp_path, ["sleep", "120", "--pid-file", str(pid_file)], [])
+    run.wait_for_output("tick 1", 30)
+    task_pid = int(pid_file.read_text())
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(30) == 128 + signal.SIGTERM
+    wait_until(lambda: not pid_alive(task_pid), 20, "the command to exit")
+
+
+# ------------------------------------------------------------- SLURM state without a cluster (fake CLI)
+
+
+def _fake_slurm(bin_dir: Path, squeue: str, sacct: str) -> None:
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name, body in (("squeue", squeue), ("sacct", sacct), ("srun", "exit 0"), ("scancel", "exit 0")):
+        path = bin_dir / name
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_state_probe_without_accounting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = tmp_path / "bin"
+    state = tmp_path / "state"
+    _fake_slurm(bin_dir,
+                squeue=f'if [ -s {state} ]; then cat {state}; else echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; fi',
+                sacct='echo "sacct: error: Slurm accounting storage is disabled" >&2; exit 1')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    probe = SlurmStateProbe()
+    state.write_text("RUNNING\n")
+    assert probe("42") == "RUNNING"
+    state.write_text("")
+    assert probe("42") == GONE
+    assert probe.sacct_available is False and "disabled" in probe.sacct_error
+
+
+def test_state_probe_uses_sacct_once_squeue_forgot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = tmp_path / "bin"
+    _fake_slurm(bin_dir, squeue="exit 0", sacct='echo "CANCELLED by 0"')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert SlurmStateProbe()("42") == "CANCELLED"
+
+
+def test_watch_never_hangs_on_a_job_that_vanished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No accounting, the job ran, then disappeared from squeue without a result: failure, bounded."""
+    from submitit.slurm.slurm import SlurmJob
+
+    bin_dir = tmp_path / "bin"
+    count = tmp_path / "count"
+    # RUNNING for the first 3 squeue calls, then unknown to squeue
+    _fake_slurm(bin_dir,
+                squeue=f'echo x >> {count}; if [ $(wc -l < {count}) -le 3 ]; then echo RUNNING; else '
+                       'echo "Invalid job id specified" >&2; exit 1; fi',
+                sacct='echo "accounting storage is disabled" >&2; exit 1')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "42_0_log.err").write_text("Killed\n")
+    job = SlurmJob(folder=tmp_path / "logs", job_id="42")
+    config = load_launcher_config(None, ["poll_interval_s=0.1", "state_interval_s=0.1", "result_grace_s=1",
+                                         "unknown_state_timeout_s=5"])
+    out, err = io.StringIO(), io.StringIO()
+    start = time.monotonic()
+    outcome = watch(job, config, out=out, err=err)
+    assert not outcome.ok and outcome.state == GONE
+    assert "no longer known" in outcome.message and "Killed" in outcome.message
+    assert "sacct unavailable" in err.getvalue()
+    assert time.monotonic() - start < 10
