@@ -183,7 +183,7 @@ def test_submitit_local_killed_job_fails_in_bounded_time(tmp_path: Path) -> None
     assert run.elapsed < 30
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_submitit_local_interrupt_cancels_the_job(tmp_path: Path, sig: signal.Signals) -> None:
     pid_file = tmp_path / "task.pid"
     run = Launch(tmp_path, ["sleep", "120", "--pid-file", str(pid_file)], sublocal(tmp_path))
