@@ -40,32 +40,44 @@ die() { printf 'local-slurm: error: %s\n' "$*" >&2; exit 1; }
 # ---------------------------------------------------------------------------------------------- pids
 pid_of() { [[ -f $RUN/$1.pid ]] && cat "$RUN/$1.pid" || true; }
 
+# running PID: the process exists and is not a zombie
+running() {
+  kill -0 "$1" 2>/dev/null || return 1
+  local st
+  st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || true)
+  [[ -n $st && $st != Z && $st != X ]]
+}
+
 # alive NAME: the recorded pid exists and is still the program we started (guards against pid reuse)
 alive() {
   local pid exe
   pid=$(pid_of "$1")
-  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 1
+  [[ -n $pid ]] && running "$pid" || return 1
   exe=$(cat "$RUN/$1.exe" 2>/dev/null || true)
   [[ -z $exe ]] && return 0
   [[ $(readlink "/proc/$pid/exe" 2>/dev/null || true) == "$exe"* ]]
 }
 
-# start NAME LOGFILE CMD...: run CMD (foreground daemon) in the background, record its pid
+# start NAME LOGFILE CMD...: run CMD (a foreground daemon, possibly behind setsid/setpriv/env) in the
+# background and record its pid and executable (the daemon binary is NAME, mariadb: mariadbd)
 start() {
   local name=$1 logfile=$2
   shift 2
+  local bin=$name
+  [[ $name == mariadb ]] && bin=mariadbd
+  local expected
+  expected=$(readlink -f "$(command -v "$bin")")
   # setsid: own session, so that a Ctrl-C in the calling shell does not reach the daemons
   setsid "$@" >>"$logfile" 2>&1 </dev/null &
   local pid=$!
   echo "$pid" >"$RUN/$name.pid"
-  # remember the executable, to never signal a recycled pid
-  local exe
-  for _ in 1 2 3 4 5 6 7 8 9 10; do
-    exe=$(readlink "/proc/$pid/exe" 2>/dev/null || true)
-    [[ -n $exe && $exe != */setsid && $exe != */setpriv && $exe != */env ]] && break
+  echo "$expected" >"$RUN/$name.exe"
+  # the pid is a shell, then setsid/setpriv/env, until it execs the daemon: wait for that
+  for _ in $(seq 1 50); do
+    [[ $(readlink "/proc/$pid/exe" 2>/dev/null || true) == "$expected"* ]] && break
+    running "$pid" || break
     sleep 0.1
   done
-  echo "${exe:-}" >"$RUN/$name.exe"
   say "started $name (pid $pid)"
 }
 
@@ -76,14 +88,18 @@ stop() {
   if [[ -z $pid ]]; then return 0; fi
   if alive "$name"; then
     kill -TERM "$pid" 2>/dev/null || true
+    # wait for the process itself to be gone (its /proc/PID/exe disappears before it has exited)
     for _ in $(seq 1 200); do
-      alive "$name" || break
+      running "$pid" || break
       sleep 0.1
     done
-    if alive "$name"; then
+    if running "$pid"; then
       say "$name (pid $pid) ignored SIGTERM for 20 s: SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
-      sleep 0.5
+      for _ in $(seq 1 50); do
+        running "$pid" || break
+        sleep 0.1
+      done
     fi
     say "stopped $name (pid $pid)"
   fi
@@ -328,7 +344,9 @@ check_foreign() {
   local d pids
   for d in slurmctld slurmd slurmdbd; do
     alive "$d" && continue
-    pids=$(pgrep -x "$d" || true)  # read-only check: never used to signal anything
+    # read-only check (never used to signal anything); zombies do not count
+    pids=$(ps -C "$d" -o pid=,stat= 2>/dev/null | awk '$2 !~ /^Z/ {print $1}' | tr '\n' ' ' || true)
+    pids=${pids% }
     [[ -z $pids ]] || die "a $d this script did not start is running (pid $pids): stop it first (systemctl stop $d)"
   done
 }
