@@ -14,6 +14,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("emae.data.prepare", "write the embedded data set as an ImageFolder tree"),
     "pretrain": ("emae.train.pretrain", "pre-train EMAE / MAE (resumes automatically)"),
+    "stage": ("emae.workflow.run_stage", "run one pipeline job (variant x seed) through `emae launch`"),
+    "report": ("emae.report.cli", "summary table (CSV, Markdown) and plots of all pipeline runs"),
+    "dvc-yaml": ("emae.workflow.dvc", "write dvc.yaml from the pipeline description (or --check it)"),
+    "install-profile": ("emae.workflow.profile", "install the Snakemake SLURM profile with your partition/account"),
     "launch": ("emae.launch.cli", "run an emae command locally or as a SLURM job (submitit)"),
 }
 

@@ -148,6 +148,7 @@ CORE_SECTIONS = ("data", "prepare", "model", "pretrain")
 # Sections of later stages: name -> "module:Model". Their modules own their schema; listing them
 # here lets `validate_all` check a whole params tree before anything is submitted.
 SECTION_MODELS: dict[str, str] = {
+    "pipeline": "emae.workflow.config:PipelineConfig",
 }
 
 

@@ -1,0 +1,121 @@
+"""Join the metrics of every run into tables: one row per run, and one per variant (mean, std).
+
+Inputs (the stage contract): `runs/<v>/seed<s>/metrics.json` and `log.jsonl` from pre-training,
+`results/<v>/seed<s>/<stage>/metrics.json` with `top1`/`top5` (kNN, linear probe, fine-tuning) and
+`consistency` (prediction consistency).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from emae.errors import EmaeError
+from emae.io import read_json
+from emae.workflow.stages import EVAL_STAGES, Pipeline, Run
+
+# Columns of the per-variant summary that are the same for all seeds of a variant.
+SETTINGS = ["K", "mask_ratio", "consistency_weight", "epochs"]
+# Columns averaged over seeds (mean, and `<name>_std`).
+MEASURES = ["pretrain_seconds", "final_loss", "knn_top1", "linprobe_top1", "finetune_top1",
+            "consistency"]
+
+
+def _metrics(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise EmaeError(f"{path}: missing (run its stage first, e.g. `snakemake --cores all`)")
+    try:
+        return read_json(path)
+    except json.JSONDecodeError as err:
+        raise EmaeError(f"{path}: not valid JSON ({err})") from None
+
+
+def _number(metrics: dict[str, Any], key: str, path: Path) -> float:
+    if key not in metrics:
+        raise EmaeError(f"{path}: has no {key!r} (keys: {', '.join(sorted(metrics))})")
+    return float(metrics[key])
+
+
+def read_log(path: Path) -> pd.DataFrame:
+    """A run's `log.jsonl` (one line per epoch) as a frame sorted by epoch."""
+    if not path.is_file():
+        raise EmaeError(f"{path}: missing (pre-training writes it)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise EmaeError(f"{path}: empty")
+    return pd.DataFrame(rows).sort_values("epoch").reset_index(drop=True)
+
+
+def run_row(pipeline: Pipeline, run: Run, root: Path = Path(".")) -> dict[str, Any]:
+    """Everything the report shows about one run."""
+    path = root / run.run_dir / "metrics.json"
+    pre = _metrics(path)
+    row: dict[str, Any] = {
+        "variant": run.variant, "seed": run.seed,
+        "K": int(_number(pre, "num_parts", path)), "mask_ratio": _number(pre, "mask_ratio", path),
+        "consistency_weight": _number(pre, "consistency_weight", path),
+        "epochs": int(_number(pre, "epochs", path)),
+        "pretrain_seconds": _number(pre, "pretrain_seconds", path),
+        "final_loss": _number(pre, "final_loss", path),
+        "pretrain_knn_top1": float(pre.get("knn_top1", math.nan)),
+    }
+    for stage in EVAL_STAGES:
+        for key in ("top1", "top5"):
+            row[f"{stage}_{key}"] = math.nan
+        if pipeline.stage_enabled(stage):
+            path = root / run.result_dir(stage) / "metrics.json"
+            metrics = _metrics(path)
+            row[f"{stage}_top1"] = _number(metrics, "top1", path)
+            row[f"{stage}_top5"] = _number(metrics, "top5", path)
+    row["consistency"] = math.nan
+    if pipeline.stage_enabled("consistency"):
+        path = root / run.result_dir("consistency") / "metrics.json"
+        row["consistency"] = _number(_metrics(path), "consistency", path)
+    return row
+
+
+def runs_table(pipeline: Pipeline, root: Path = Path(".")) -> pd.DataFrame:
+    return pd.DataFrame([run_row(pipeline, run, root) for run in pipeline.runs])
+
+
+def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per variant (in pipeline order): its settings, the number of seeds, and the mean
+    and standard deviation (over seeds; NaN with one seed) of each measure."""
+    rows = []
+    for variant, group in runs.groupby("variant", sort=False):
+        row: dict[str, Any] = {"variant": variant}
+        for column in SETTINGS:
+            values = group[column].unique()
+            if len(values) != 1:  # e.g. an override of the seed changed K: not one variant
+                raise EmaeError(f"variant {variant!r}: its runs differ in {column} ({list(values)})")
+            row[column] = values[0]
+        row["seeds"] = len(group)
+        for column in MEASURES:
+            row[column] = group[column].mean()
+            row[f"{column}_std"] = group[column].std(ddof=1) if len(group) > 1 else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(summary: pd.DataFrame, decimals: int) -> str:
+    """The summary as a Markdown table: `mean ± std` with several seeds, `-` for stages not run."""
+    headers = ["variant", *SETTINGS, "seeds", *MEASURES]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(headers)) + "|"]
+    for _, row in summary.iterrows():
+        cells = [str(row["variant"]), str(int(row["K"])), f"{row['mask_ratio']:g}",
+                 f"{row['consistency_weight']:g}", str(int(row["epochs"])), str(int(row["seeds"]))]
+        for column in MEASURES:
+            mean, std = row[column], row[f"{column}_std"]
+            digits = 4 if column in ("consistency", "final_loss") else decimals
+            if pd.isna(mean):
+                cells.append("-")
+            elif pd.isna(std):
+                cells.append(f"{mean:.{digits}f}")
+            else:
+                cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,57 @@
+"""The `pipeline:` params section (params/pipeline.yaml): variants, seeds, stages, report settings."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from emae.config import Section
+
+NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+class StageToggles(Section):
+    """Which optional stages run (pretrain and report always do)."""
+
+    prepare: bool = Field(description="write the embedded data set at data.root (false: data.root is yours)")
+    knn: bool
+    linprobe: bool
+    finetune: bool
+    consistency: bool
+    visualize: bool
+
+
+class ReportConfig(Section):
+    dpi: int = Field(gt=0, description="resolution of the PNG plots")
+    figure_size: tuple[float, float] = Field(description="inches (width, height) of one plot")
+    decimals: int = Field(ge=0, description="digits after the point in summary.md")
+
+
+class PipelineConfig(Section):
+    variants: dict[str, dict[str, Any]] = Field(
+        min_length=1,
+        description="name -> params tree merged over params/ for that variant (e.g. {model: {num_parts: 1}})")
+    seeds: list[int] = Field(min_length=1, description="pre-training seeds; each variant runs once per seed")
+    overrides: dict[str, Any] = Field(
+        description="params tree merged into every variant (e.g. the kNN monitor during pre-training)")
+    stages: StageToggles
+    report: ReportConfig
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, variants: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, tree in variants.items():
+            if not NAME.match(name):
+                raise ValueError(f"variant name {name!r} must match {NAME.pattern} (it names folders and jobs)")
+            if not isinstance(tree, dict) or not all(isinstance(v, dict) for v in tree.values()):
+                raise ValueError(f"variant {name!r} must map sections to keys, e.g. {{model: {{num_parts: 1}}}}")
+        return variants
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+            raise ValueError(f"seeds must be distinct non-negative integers, got {seeds}")
+        return seeds

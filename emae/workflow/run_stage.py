@@ -1,0 +1,49 @@
+"""`emae stage NAME [--variant V --seed S]`: run one job of the pipeline through `emae launch`.
+
+Both DAGs (the Snakefile and dvc.yaml) run their jobs with this command. It loads and validates the
+params tree as it is now (so `dvc exp run -S ...` and edited variants take effect), builds the job's
+command line from `emae.workflow.stages`, prints it, and runs `emae launch --stage NAME -- <command>`
+(locally, or as a SLURM job when the launcher settings say so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from emae.workflow.stages import STAGES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("stage", choices=STAGES, help="the stage to run")
+    parser.add_argument("--variant", default=None, help="variant (pipeline.variants) of a per-run stage")
+    parser.add_argument("--seed", type=int, default=None, help="seed (pipeline.seeds) of a per-run stage")
+    parser.add_argument("--params", "-p", default="params", metavar="PATH",
+                        help="params directory or file (default: %(default)s)")
+    parser.add_argument("--preset", default=None, help="overlay params/presets/<PRESET>.yaml")
+    parser.add_argument("--launcher-params", default=None, metavar="FILE",
+                        help="launcher settings file for `emae launch` (default: its own)")
+    parser.add_argument("--launcher", action="append", default=[], metavar="KEY=VALUE",
+                        help="launcher override, e.g. kind=slurm (repeatable)")
+    parser.add_argument("--print", action="store_true", dest="print_only",
+                        help="print the command line and exit")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="params overrides for every stage (win over the variant)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from emae.workflow.stages import RUN_STAGES, Pipeline
+
+    pipeline = Pipeline(args.params, args.preset, args.overrides)
+    run_ = pipeline.find_run(args.variant, args.seed) if args.stage in RUN_STAGES else None
+    if run_ is None and (args.variant is not None or args.seed is not None):
+        pipeline.job(args.stage, run=pipeline.runs[0])  # raises: the stage takes no variant
+    job = pipeline.job(args.stage, run_)
+    argv = job.launch_argv(args.launcher_params, args.launcher)
+    print("emae " + shlex.join(argv), file=sys.stderr if not args.print_only else sys.stdout, flush=True)
+    if args.print_only:
+        return 0
+    from emae.cli import main
+
+    return main(argv)

@@ -1,0 +1,365 @@
+"""The stages of the pipeline, described once.
+
+`Pipeline(params, preset, overrides)` loads and validates the whole params tree (every section,
+and every variant merged over it) and lists the concrete jobs of the DAG:
+
+    prepare                      (optional: the embedded data set at data.root)
+    pretrain   per variant x seed -> runs/<variant>/seed<seed>/
+    knn, linprobe, finetune, consistency, visualize
+               per variant x seed -> results/<variant>/seed<seed>/<stage>/
+    report                       -> results/report/
+
+Each job carries its `emae` command line, its inputs, its outputs (with DVC's flags), the params
+keys it reads and the source it runs. The Snakefile and `emae dvc-yaml` both build their DAG from
+here, and both run a job as `emae stage NAME [--variant V --seed S]`, which resolves the command
+again from the current params and hands it to `emae launch` (local or SLURM).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from emae.config import (Config, _merge, config_from_tree, load_raw, param_files, parse_override,
+                         validate_all)
+from emae.errors import ConfigError
+from emae.workflow.config import PipelineConfig
+
+RUNS_DIR = "runs"
+RESULTS_DIR = "results"
+REPORT_DIR = f"{RESULTS_DIR}/report"
+
+EVAL_STAGES = ("knn", "linprobe", "finetune")  # read the exported encoder
+MODEL_STAGES = ("consistency", "visualize")  # read the full checkpoint (decoder included)
+RUN_STAGES = ("pretrain", *EVAL_STAGES, *MODEL_STAGES)
+STAGES = ("prepare", *RUN_STAGES, "report")
+
+# Report outputs (the report command writes exactly these; `emae.report` imports the names).
+SUMMARY_CSV = "summary.csv"
+SUMMARY_MD = "summary.md"
+RUNS_CSV = "runs.csv"
+PLOTS = {
+    "loss_curves": "loss_curves.png",
+    "accuracy_vs_time": "accuracy_vs_time.png",
+    "accuracy_vs_epochs": "accuracy_vs_epochs.png",
+}
+CURVES_DIR = "curves"  # one CSV per run (epoch, seconds, losses, kNN): DVC plots read these
+RECONSTRUCTIONS_DIR = "reconstructions"
+
+# Source each stage runs (DVC `deps`, so that a code change reruns it; Snakemake tracks params).
+CODE = {
+    "prepare": ["emae/data/prepare.py"],
+    "pretrain": ["emae/train", "emae/models", "emae/data", "emae/masking.py", "emae/losses.py"],
+    "eval": ["emae/eval", "emae/models", "emae/data"],
+    "report": ["emae/report"],
+}
+
+
+@dataclass(frozen=True, order=True)
+class Run:
+    """One pre-training run: a variant with a seed."""
+
+    variant: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}/seed{self.seed}"
+
+    @property
+    def id(self) -> str:  # for DVC stage names (no '/')
+        return f"{self.variant}-seed{self.seed}"
+
+    @property
+    def run_dir(self) -> str:
+        return f"{RUNS_DIR}/{self.name}"
+
+    def result_dir(self, stage: str) -> str:
+        return f"{RESULTS_DIR}/{self.name}/{stage}"
+
+
+# A run whose paths are Snakemake wildcard patterns: `Pipeline.pattern(stage)` gives a rule's outputs.
+PATTERN = Run("{variant}", "{seed}")  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Out:
+    """An output of a job, with the flags DVC needs.
+
+    persist: DVC must not delete it before rerunning the stage (resume state: checkpoints and the
+    logs that go with them). Snakemake deletes a job's declared outputs before running it, so
+    persistent outputs are not declared to Snakemake at all (`StageJob.snakemake_outs`).
+    """
+
+    path: str
+    kind: Literal["out", "metrics", "plots"] = "out"
+    persist: bool = False
+    cache: bool = True
+    directory: bool = False
+
+
+@dataclass
+class StageJob:
+    """One concrete job of the DAG."""
+
+    stage: str
+    run: Run | None
+    argv: list[str]  # the emae command line (without the launcher)
+    deps: list[str]
+    outs: list[Out]
+    params: list[str]  # dotted keys of the params tree this job reads
+    code: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.stage if self.run is None else f"{self.stage}-{self.run.id}"
+
+    @property
+    def snakemake_outs(self) -> list[Out]:
+        return [o for o in self.outs if not o.persist]
+
+    def launch_argv(self, launcher_params: str | None = None,
+                    launcher_overrides: list[str] = ()) -> list[str]:
+        """`emae launch --stage NAME [...] -- <argv>`: every compute job goes through the launcher."""
+        argv = ["launch", "--stage", self.stage]
+        if launcher_params:
+            argv += ["--launcher-params", launcher_params]
+        return argv + list(launcher_overrides) + ["--", *self.argv]
+
+
+def format_value(value: Any) -> str:
+    """A params value as `key=value` text that `emae.config.parse_override` reads back unchanged."""
+    if isinstance(value, str) and yaml.safe_load(value) == value:
+        return value
+    return json.dumps(value)  # JSON is YAML: 1, 0.5, true, null, [0.5, 0.5], "1.0"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """{model: {num_parts: 1}} -> ["model.num_parts=1"] (lists stay whole values)."""
+    items: list[str] = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            items += flatten(value, f"{prefix}{key}.")
+        else:
+            items.append(f"{prefix}{key}={format_value(value)}")
+    return items
+
+
+def _apply_overrides(tree: dict[str, Any], origin: dict[str, str], overrides: list[str]) -> None:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[:-1])} is not a section")
+        node[parts[-1]] = value
+        origin[".".join(parts)] = f"override {text!r}"
+
+
+class Pipeline:
+    """The validated pipeline of a params tree: its runs, stages and jobs.
+
+    `params`: a params directory (or file); `preset`: params/presets/<preset>.yaml on top;
+    `overrides`: `section.key=value` applied last, to every stage (they win over the variants).
+    """
+
+    def __init__(self, params: str | Path = "params", preset: str | None = None,
+                 overrides: list[str] = ()) -> None:
+        self.params = str(params)
+        self.preset = preset or None
+        self.overrides = list(overrides)
+        self.files = param_files([self.params], self.preset)
+        self.config: Config = self._load()
+        if "pipeline" not in self.config.extra:
+            raise ConfigError(f"{self.params}: no `pipeline:` section (variants, seeds, stages); "
+                              "see params/pipeline.yaml in the emae repository")
+        self.settings: PipelineConfig = self.config.section("pipeline")
+        self.runs = [Run(v, s) for v in self.settings.variants for s in self.settings.seeds]
+        self.run_configs = {run: self._load(run) for run in self.runs}  # validates every variant
+        self._check_data_root()
+
+    # ------------------------------------------------------------------------------ params
+
+    def _load(self, run: Run | None = None) -> Config:
+        """The validated config of the whole tree, or of one run (pipeline.overrides, the variant
+        and its seed merged in, then the user's overrides)."""
+        tree, origin = load_raw([self.params], (), self.preset)
+        if run is not None:
+            raw_pipeline = tree.get("pipeline", {})
+            common_src = f"{_source(origin, 'pipeline.overrides')}: pipeline.overrides"
+            _merge(tree, copy.deepcopy(raw_pipeline.get("overrides") or {}), origin, common_src)
+            variant_src = f"{_source(origin, f'pipeline.variants.{run.variant}')}: pipeline.variants.{run.variant}"
+            _merge(tree, copy.deepcopy(raw_pipeline["variants"][run.variant]), origin, variant_src)
+            _merge(tree, {"pretrain": {"seed": run.seed}}, origin,
+                   f"{_source(origin, 'pipeline.seeds')}: pipeline.seeds")
+        _apply_overrides(tree, origin, self.overrides)
+        config = config_from_tree(tree, origin)
+        validate_all(config)
+        return config
+
+    def run_overrides(self, run: Run) -> list[str]:
+        """The `key=value` arguments that make the params tree into this run's config."""
+        if run == PATTERN:
+            return []
+        return [*flatten(self.settings.overrides), *flatten(self.settings.variants[run.variant]),
+                f"pretrain.seed={run.seed}", *self.overrides]
+
+    def _check_data_root(self) -> None:
+        roots = {cfg.data.root for cfg in self.run_configs.values()} | {self.config.data.root}
+        if self.settings.stages.prepare and len(roots) > 1:
+            raise ConfigError(f"pipeline.stages.prepare is true but the variants use different "
+                              f"data.root values ({', '.join(sorted(roots))}); prepare writes one")
+
+    @property
+    def data_root(self) -> str:
+        return self.config.data.root
+
+    # ------------------------------------------------------------------------------ jobs
+
+    def stage_enabled(self, stage: str) -> bool:
+        if stage in ("pretrain", "report"):
+            return True
+        return bool(getattr(self.settings.stages, stage))
+
+    @property
+    def stages(self) -> list[str]:
+        return [s for s in STAGES if self.stage_enabled(s)]
+
+    def jobs(self) -> list[StageJob]:
+        """Every job of the DAG, in an order that runs (dependencies first)."""
+        jobs = []
+        for stage in self.stages:
+            if stage in RUN_STAGES:
+                jobs += [self.job(stage, run) for run in self.runs]
+            else:
+                jobs.append(self.job(stage))
+        return jobs
+
+    def find_run(self, variant: str | None, seed: int | None) -> Run:
+        for run in self.runs:
+            if run.variant == variant and run.seed == seed:
+                return run
+        raise ConfigError(f"no run {variant}/seed{seed} in pipeline.variants x pipeline.seeds "
+                          f"(runs: {', '.join(r.name for r in self.runs)})")
+
+    def job(self, stage: str, run: Run | None = None) -> StageJob:
+        if stage not in STAGES:
+            raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        if not self.stage_enabled(stage):
+            raise ConfigError(f"stage {stage!r} is off (pipeline.stages.{stage}: false)")
+        if (stage in RUN_STAGES) != (run is not None):
+            raise ConfigError(f"stage {stage!r} " + ("needs --variant and --seed" if run is None
+                                                      else "takes no --variant / --seed"))
+        return getattr(self, f"_job_{stage}" if stage in ("prepare", "pretrain", "report")
+                       else "_job_eval")(stage, run)
+
+    def pattern(self, stage: str) -> StageJob:
+        """The job of a stage with `{variant}` / `{seed}` wildcards in its paths (and no command)."""
+        job = self.job(stage, PATTERN if stage in RUN_STAGES else None)
+        job.argv = []
+        return job
+
+    def _common_argv(self) -> list[str]:
+        return ["-p", self.params, *(["--preset", self.preset] if self.preset else [])]
+
+    def _data_deps(self) -> list[str]:
+        return [self.data_root] if self.stage_enabled("prepare") else []
+
+    def _variant_params(self, run: Run) -> list[str]:
+        return ["pipeline.overrides", f"pipeline.variants.{run.variant}"]
+
+    def _job_prepare(self, stage: str, run: None) -> StageJob:
+        return StageJob(
+            stage, None, ["prepare", *self._common_argv(), "-o", self.data_root, *self.overrides],
+            deps=[], outs=[Out(self.data_root, directory=True)],
+            params=["data.image_size", "prepare"], code=CODE["prepare"])
+
+    def _job_pretrain(self, stage: str, run: Run) -> StageJob:
+        d = run.run_dir
+        return StageJob(
+            stage, run, ["pretrain", *self._common_argv(), "-o", d, *self.run_overrides(run)],
+            deps=self._data_deps(),
+            outs=[Out(f"{d}/encoder.safetensors"),
+                  Out(f"{d}/metrics.json", kind="metrics", cache=False),
+                  Out(f"{d}/config.yaml", cache=False),
+                  # resume state: kept across reruns (pretrain truncates the logs to the checkpoint)
+                  Out(f"{d}/checkpoints", persist=True, directory=True),
+                  Out(f"{d}/log.jsonl", persist=True, cache=False),
+                  Out(f"{d}/steps.jsonl", persist=True, cache=False),
+                  Out(f"{d}/tb", persist=True, cache=False, directory=True)],
+            params=["data", "model", "pretrain", *self._variant_params(run)], code=CODE["pretrain"])
+
+    def _job_eval(self, stage: str, run: Run) -> StageJob:
+        checkpoint = (f"{run.run_dir}/encoder.safetensors" if stage in EVAL_STAGES
+                      else f"{run.run_dir}/checkpoints/last.pt")
+        out = run.result_dir(stage)
+        outs = ([Out(out, directory=True)] if stage == "visualize"
+                else [Out(f"{out}/metrics.json", kind="metrics", cache=False)])
+        params = ["data", *([stage] if stage in self.config.extra else []), *self._variant_params(run)]
+        return StageJob(
+            stage, run, [stage, "--checkpoint", checkpoint, *self._common_argv(), "-o", out,
+                         *self.run_overrides(run)],
+            # last.pt is not a declared output (see Out.persist); the encoder export is written
+            # from the same final state, after it, so it stands for both.
+            deps=[f"{run.run_dir}/encoder.safetensors", *self._data_deps()],
+            outs=outs, params=params, code=CODE["eval"])
+
+    def _job_report(self, stage: str, run: None) -> StageJob:
+        deps = []
+        for r in self.runs:
+            deps.append(f"{r.run_dir}/metrics.json")
+            for s in (*EVAL_STAGES, *MODEL_STAGES):
+                if self.stage_enabled(s):
+                    deps.append(r.result_dir(s) if s == "visualize" else f"{r.result_dir(s)}/metrics.json")
+        d = REPORT_DIR
+        outs = [Out(f"{d}/{SUMMARY_CSV}", cache=False), Out(f"{d}/{SUMMARY_MD}", cache=False),
+                Out(f"{d}/{RUNS_CSV}", cache=False),
+                *[Out(f"{d}/{name}", kind="plots", cache=False) for name in PLOTS.values()],
+                Out(f"{d}/{CURVES_DIR}", cache=False, directory=True)]
+        if self.stage_enabled("visualize"):
+            outs.append(Out(f"{d}/{RECONSTRUCTIONS_DIR}", cache=False, directory=True))
+        return StageJob(stage, None, ["report", *self._common_argv(), "-o", d, *self.overrides],
+                        deps=deps, outs=outs, params=["pipeline.report"], code=CODE["report"])
+
+    # ------------------------------------------------------------------------------ DVC params
+
+    def params_by_file(self, keys: list[str]) -> list[dict[str, list[str]] | str]:
+        """DVC `params:` entries: each key under the file(s) of params/ that set it (presets and
+        overrides are not params files; a preset file is a plain dependency instead)."""
+        _, origin = load_raw([self.params])
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            files = sorted({src for leaf, src in origin.items() if leaf == key or leaf.startswith(key + ".")})
+            for f in files:
+                by_file.setdefault(f, []).append(key)
+        return [{f: ks} for f, ks in sorted(by_file.items())]
+
+    def param_values(self, job: StageJob) -> str:
+        """The resolved values of the job's params keys, as one JSON string (Snakemake reruns a
+        job when its `params:` change, as DVC does for its params keys)."""
+        config = self.run_configs[job.run] if job.run else self.config
+        tree = config.to_dict() | {"pipeline": self.config.extra["pipeline"]}
+        values = {}
+        for key in job.params:
+            node: Any = tree
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            values[key] = node
+        return json.dumps(values, sort_keys=True)
+
+    @property
+    def preset_file(self) -> str | None:
+        return str(self.files[-1]) if self.preset else None
+
+
+def _source(origin: dict[str, str], key: str) -> str:
+    for leaf, src in origin.items():
+        if leaf == key or leaf.startswith(key + "."):
+            return src
+    return "params"

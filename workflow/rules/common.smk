@@ -1,0 +1,90 @@
+# Shared by all rules: config validation, the pipeline description, and how a job is run.
+# Every job runs `emae stage NAME [--variant V --seed S] ...`, which builds the stage's command line
+# (emae/workflow/stages.py, the same description dvc.yaml is generated from) and runs it through
+# `emae launch` (local, or SLURM with the profile). Nothing else happens in the rules.
+
+import os
+import shlex
+import sys
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from emae.errors import EmaeError
+from emae.workflow.stages import PATTERN, RUN_STAGES, Pipeline, Run, flatten
+
+validate(config, "../schemas/config.schema.yaml")
+if isinstance(config["overrides"], str):
+    config["overrides"] = config["overrides"].split()
+
+# The whole params tree (every section, every variant) is validated here, before any job runs.
+try:
+    PIPELINE = Pipeline(config["params"], config["preset"], config["overrides"])
+except EmaeError as err:
+    raise WorkflowError(f"emae: {err}") from None
+
+if not PIPELINE.stage_enabled("prepare") and not os.path.exists(PIPELINE.data_root):
+    print(f"emae: warning: data.root={PIPELINE.data_root!r} does not exist here "
+          "(pipeline.stages.prepare is false: set data.root to your data set)", file=sys.stderr)
+
+# Jobs run the emae of this checkout with this interpreter, wherever the working directory is.
+EMAE = f"{shlex.quote(sys.executable)} -m emae.cli"
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [workflow.basedir, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
+
+THREADS = config["threads"] or workflow.cores
+
+
+def _launcher_args():
+    launcher = config["launcher"]
+    if isinstance(launcher, str):
+        launcher = {"kind": launcher}
+    args = ["--launcher-params", config["launcher_params"]] if config["launcher_params"] else []
+    for item in flatten(launcher or {}):
+        args += ["--launcher", item]
+    return args
+
+
+LAUNCHER_ARGS = _launcher_args()
+
+
+def _run(wildcards):
+    return Run(wildcards.variant, int(wildcards.seed)) if "variant" in wildcards.keys() else None
+
+
+def job_of(stage, wildcards):
+    return PIPELINE.job(stage, _run(wildcards))
+
+
+def stage_inputs(stage):
+    return lambda wildcards: job_of(stage, wildcards).deps
+
+
+def stage_outputs(stage):
+    """The rule's outputs (persistent resume state is left undeclared: Snakemake would delete it)."""
+    return [directory(o.path) if o.directory else o.path for o in PIPELINE.pattern(stage).snakemake_outs]
+
+
+def stage_params(stage):
+    """The resolved values of the params keys the stage reads: Snakemake reruns when they change."""
+    return lambda wildcards: PIPELINE.param_values(job_of(stage, wildcards))
+
+
+def stage_args(stage):
+    """The arguments of `emae stage` for one job; its log names the full command line."""
+    def args(wildcards):
+        run = _run(wildcards)
+        argv = [stage, *(["--variant", run.variant, "--seed", str(run.seed)] if run else []),
+                "-p", PIPELINE.params, *(["--preset", PIPELINE.preset] if PIPELINE.preset else []),
+                *LAUNCHER_ARGS, *PIPELINE.overrides]
+        return shlex.join(argv)
+    return args
+
+
+def log_path(stage):
+    return f"logs/{stage}/{{variant}}/seed{{seed}}.log" if stage in RUN_STAGES else f"logs/{stage}.log"
+
+
+wildcard_constraints:
+    variant=r"[A-Za-z][A-Za-z0-9_]*",
+    seed=r"\d+",
