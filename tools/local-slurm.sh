@@ -425,7 +425,7 @@ cmd_status() {
   for d in munged mariadb slurmdbd slurmctld slurmd; do
     if alive "$d"; then echo "  $d: running (pid $(pid_of "$d"))"; any=1
     elif [[ -n $(pid_of "$d") ]]; then echo "  $d: DEAD (recorded pid $(pid_of "$d")); see $LOG/$d.log"
-    else echo "  $d: not started by this script"; fi
+    else echo "  $d: not running"; fi
   done
   if ((any)) && sinfo >/dev/null 2>&1; then
     sinfo -N -o '%N %T %C %m %G %P'

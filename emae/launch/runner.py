@@ -194,8 +194,13 @@ class LogStreamer:
                 continue
             entry[3] = offset + len(data)
             data = partial + data
-            lines = data.split(b"\n")
-            entry[4] = lines.pop()  # incomplete last line, kept for later
+            # progress bars (tqdm) redraw with \r: each redraw becomes a line of the log
+            if data.endswith(b"\r") and not final:
+                keep, data = b"\r", data[:-1]  # may be the first half of \r\n
+            else:
+                keep = b""
+            lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+            entry[4] = lines.pop() + keep  # incomplete last line, kept for later
             if final and entry[4]:
                 lines.append(entry[4])
                 entry[4] = b""
