@@ -14,6 +14,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("emae.data.prepare", "write the embedded data set as an ImageFolder tree"),
     "pretrain": ("emae.train.pretrain", "pre-train EMAE / MAE (resumes automatically)"),
+    "prepare-dense": ("emae.dense.generate", "write the generated detection/segmentation set (COCO, ADE20K layouts)"),
+    "detect": ("emae.dense.detect", "Mask R-CNN (ViTDet-style) on a pre-trained encoder: COCO box/mask AP (resumes)"),
+    "segment": ("emae.dense.segment", "UperNet-style semantic segmentation on a pre-trained encoder: mIoU (resumes)"),
     "stage": ("emae.workflow.run_stage", "run one pipeline job (variant x seed) through `emae launch`"),
     "report": ("emae.report.cli", "summary table (CSV, Markdown) and plots of all pipeline runs"),
     "dvc-yaml": ("emae.workflow.dvc", "write dvc.yaml from the pipeline description (or --check it)"),

@@ -149,6 +149,9 @@ CORE_SECTIONS = ("data", "prepare", "model", "pretrain")
 # here lets `validate_all` check a whole params tree before anything is submitted.
 SECTION_MODELS: dict[str, str] = {
     "pipeline": "emae.workflow.config:PipelineConfig",
+    "dense_data": "emae.dense.config:DenseDataConfig",
+    "detect": "emae.dense.config:DetectConfig",
+    "segment": "emae.dense.config:SegmentConfig",
 }
 
 

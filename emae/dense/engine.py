@@ -1,0 +1,164 @@
+"""The training loop both dense stages share: AdamW with timm's layer-wise lr decay, an
+iteration schedule (timm: warmup + cosine or multi-step), atomic checkpoints and exact resume.
+
+Resume is exact because nothing random depends on how far a process got: the data order and
+each sample's augmentation come from (seed, epoch, index) (`ResumableBatchSampler`,
+`SeededDataset`), and the global RNG (proposal sampling, multi-scale choice, dropout, drop path)
+is reseeded from (seed, iteration) before every step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from timm.optim import param_groups_layer_decay
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from emae.data import ResumableBatchSampler, SeededDataset
+from emae.errors import EmaeError
+from emae.io import atomic_write_text
+from emae.seeding import derive_seed
+from emae.train.checkpoint import load_checkpoint, save_checkpoint
+from emae.train.common import autocast, autocast_dtype
+
+log = logging.getLogger("emae.dense")
+
+# keys that may change between a run and its resumption (they do not change what is trained)
+RESUMABLE_KEYS = ("num_workers", "log_every", "checkpoint_every", "eval_batch_size", "root")
+
+StepFn = Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Any, no_weight_decay: list[str]
+                    ) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over timm's layer-decay groups (`model.group_matcher`) and the lr schedule."""
+    groups = param_groups_layer_decay(model, cfg.weight_decay, no_weight_decay_list=no_weight_decay,
+                                      layer_decay=cfg.backbone.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    common = dict(warmup_t=cfg.warmup_iters, warmup_lr_init=cfg.lr * 1e-3, warmup_prefix=True,
+                  t_in_epochs=False)
+    if cfg.schedule == "cosine":
+        scheduler = CosineLRScheduler(optimizer, t_initial=cfg.iterations - cfg.warmup_iters,
+                                      lr_min=cfg.min_lr, **common)
+    else:  # milestones count from the start, as in ViTDet / detectron2
+        decay_t = [max(int(m * cfg.iterations) - cfg.warmup_iters, 1) for m in cfg.milestones]
+        scheduler = MultiStepLRScheduler(optimizer, decay_t=decay_t, decay_rate=cfg.decay_rate, **common)
+    return optimizer, scheduler
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: StepFn, cfg: Any,
+        section: str, out: Path, encoder: str | Path, no_weight_decay: list[str],
+        device: torch.device) -> dict[str, Any]:
+    """Train `model` for cfg.iterations into `out` (resuming from out/checkpoints/last.pt).
+    Returns {"train_seconds", "final_loss"}; the model holds the final weights."""
+    ckpt_path = out / "checkpoints" / "last.pt"
+    settings = {"section": section, "params": cfg.model_dump(mode="json"), "encoder": file_digest(encoder)}
+    optimizer, scheduler = build_optimizer(model, cfg, no_weight_decay)
+    amp_dtype = autocast_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    iteration, elapsed, last_loss = 0, 0.0, math.nan
+    state = load_checkpoint(ckpt_path)
+    if state is not None:
+        _check_same_run(state["settings"], settings, ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        iteration, elapsed, last_loss = state["iteration"], state["elapsed_seconds"], state["loss"]
+        log.info("resuming %s at iteration %d/%d", ckpt_path, iteration, cfg.iterations)
+    if iteration >= cfg.iterations:
+        return {"train_seconds": elapsed, "final_loss": last_loss}
+
+    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.seed)
+    per_epoch = len(sampler)
+    if per_epoch == 0:
+        raise EmaeError(f"{section}: the training set has {len(train_set)} items, fewer than "
+                        f"{section}.batch_size={cfg.batch_size}")
+    loader = DataLoader(SeededDataset(train_set), batch_sampler=sampler, collate_fn=collate,
+                        num_workers=cfg.num_workers)
+    _truncate_log(out / "log.jsonl", iteration)
+    model.train()
+    progress = tqdm(total=cfg.iterations, initial=iteration, desc=section, unit="it", dynamic_ncols=True)
+    start = time.perf_counter()
+    while iteration < cfg.iterations:
+        sampler.set_position(iteration // per_epoch, iteration % per_epoch)
+        for batch in loader:
+            torch.manual_seed(derive_seed(cfg.seed, "step", iteration))
+            scheduler.step_update(iteration)
+            with autocast(device, amp_dtype):
+                losses = step_fn(model, batch)
+            loss = sum(losses.values())
+            if not math.isfinite(float(loss.detach())):
+                raise EmaeError(f"{section}: non-finite loss at iteration {iteration} ("
+                                + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+                                + f"); the last good checkpoint is kept at {ckpt_path}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            iteration += 1
+            last_loss = float(loss.detach())
+            progress.update(1)
+            if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
+                record = {"iteration": iteration, "loss": last_loss, "lr": _top_lr(optimizer),
+                          **{k: float(v) for k, v in losses.items()}}
+                _append_jsonl(out / "log.jsonl", record)
+                progress.set_postfix(loss=f"{last_loss:.3f}")
+            if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
+                now = elapsed + time.perf_counter() - start
+                save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                            "scaler": scaler.state_dict(), "iteration": iteration,
+                                            "elapsed_seconds": now, "loss": last_loss, "settings": settings})
+            if iteration >= cfg.iterations:
+                break
+    progress.close()
+    return {"train_seconds": elapsed + time.perf_counter() - start, "final_loss": last_loss}
+
+
+def _top_lr(optimizer: torch.optim.Optimizer) -> float:
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+def _check_same_run(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
+    """Resuming with other params or another encoder would silently mix two runs."""
+    if saved["encoder"] != now["encoder"]:
+        raise EmaeError(f"{path} was trained from another encoder export; use another --out or move it away")
+    changed = [f"{saved['section']}.{k}: {saved['params'].get(k)!r} -> {v!r}"
+               for k, v in now["params"].items()
+               if k not in RESUMABLE_KEYS and saved["params"].get(k) != v]
+    if changed:
+        raise EmaeError(f"{path} was written with other params; use another --out or move it away. "
+                        "Changed: " + "; ".join(changed))
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _truncate_log(path: Path, iteration: int) -> None:
+    """Drop log lines past the checkpoint we resume from (they will be written again)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["iteration"] <= iteration]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
