@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("emae.report.cli", "summary table (CSV, Markdown) and plots of all pipeline runs"),
     "dvc-yaml": ("emae.workflow.dvc", "write dvc.yaml from the pipeline description (or --check it)"),
     "install-profile": ("emae.workflow.profile", "install the Snakemake SLURM profile with your partition/account"),
+    "sweep": ("emae.sweep.cli", "Optuna sweep over K and the mask ratio (grid / TPE; resumable)"),
     "launch": ("emae.launch.cli", "run an emae command locally or as a SLURM job (submitit)"),
 }
 

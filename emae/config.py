@@ -152,6 +152,7 @@ SECTION_MODELS: dict[str, str] = {
     "dense_data": "emae.dense.config:DenseDataConfig",
     "detect": "emae.dense.config:DetectConfig",
     "segment": "emae.dense.config:SegmentConfig",
+    "sweep": "emae.sweep.config:SweepConfig",
 }
 
 
