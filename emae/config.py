@@ -148,10 +148,16 @@ CORE_SECTIONS = ("data", "prepare", "model", "pretrain")
 # Sections of later stages: name -> "module:Model". Their modules own their schema; listing them
 # here lets `validate_all` check a whole params tree before anything is submitted.
 SECTION_MODELS: dict[str, str] = {
+    "launcher": "emae.launch.config:LauncherConfig",
     "pipeline": "emae.workflow.config:PipelineConfig",
     "dense_data": "emae.dense.config:DenseDataConfig",
     "detect": "emae.dense.config:DetectConfig",
     "segment": "emae.dense.config:SegmentConfig",
+    "knn": "emae.eval.knn:KnnConfig",
+    "linprobe": "emae.eval.linprobe:LinprobeConfig",
+    "finetune": "emae.eval.finetune:FinetuneConfig",
+    "consistency": "emae.eval.consistency:ConsistencyConfig",
+    "visualize": "emae.eval.visualize:VisualizeConfig",
     "sweep": "emae.sweep.config:SweepConfig",
 }
 

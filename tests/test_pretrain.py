@@ -1,0 +1,88 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from emae.config import load_config
+from emae.errors import EmaeError
+from emae.train.pretrain import NonFiniteLossError, pretrain
+from tests.conftest import CORE_PARAMS, REPO, cli_env
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("variant", [["model.num_parts=1", "model.consistency_weight=0"],
+                                     ["model.num_parts=4", "model.consistency_weight=1"]],
+                         ids=["mae", "emae"])
+def test_loss_falls_and_outputs_are_written(tmp_path: Path, tiny_overrides: list[str], variant: list[str]) -> None:
+    config = load_config(CORE_PARAMS, tiny_overrides + variant + ["pretrain.epochs=4", "pretrain.blr=5e-3"])
+    metrics = pretrain(config, tmp_path)
+    epochs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
+    assert epochs[-1]["recon_loss"] < 0.9 * epochs[0]["recon_loss"]
+    assert metrics["steps"] == 4 * (1437 // 32)
+    for name in ("config.yaml", "encoder.safetensors", "metrics.json", "steps.jsonl", "checkpoints/last.pt"):
+        assert (tmp_path / name).exists(), name
+    assert set(load_file(str(tmp_path / "encoder.safetensors"))) >= {"cls_token", "pos_embed", "norm.weight"}
+    # a rerun of a finished run does nothing and returns the same metrics
+    assert pretrain(config, tmp_path) == json.loads((tmp_path / "metrics.json").read_text())
+
+
+def test_resume_after_sigkill_is_exact(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    args = [sys.executable, "-m", "emae.cli", "pretrain", *[a for f in CORE_PARAMS for a in ("-p", str(f))], *tiny_overrides,
+            "pretrain.epochs=2", "pretrain.checkpoint_every_steps=7"]
+    env = cli_env() | {"OMP_NUM_THREADS": "1"}
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    subprocess.run(args + ["-o", str(reference)], env=env, cwd=REPO, check=True, capture_output=True)
+
+    proc = subprocess.Popen(args + ["-o", str(resumed)], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = resumed / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # a few steps past the first checkpoint (step 7 of 70): mid-epoch
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (resumed / "metrics.json").exists(), "the run finished before it could be killed"
+    killed_at = torch.load(ckpt, weights_only=False)["step"]
+    assert 0 < killed_at < 35  # inside the first epoch
+
+    subprocess.run(args + ["-o", str(resumed)], env=env, cwd=REPO, check=True, capture_output=True)
+    ref, res = _final_weights(reference), _final_weights(resumed)
+    assert ref.keys() == res.keys()
+    assert all(torch.equal(ref[k], res[k]) for k in ref)
+    steps = [json.loads(line)["step"] for line in (resumed / "steps.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), "steps logged twice after the resume"
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    config = load_config(CORE_PARAMS, tiny_overrides + ["pretrain.blr=1e30", "pretrain.warmup_epochs=0",
+                                                     "pretrain.checkpoint_every_steps=1"])
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step \d+ \(loss="):
+        pretrain(config, tmp_path)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_resuming_with_other_params_is_refused(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    config = load_config(CORE_PARAMS, tiny_overrides + ["pretrain.epochs=1"])
+    pretrain(config, tmp_path)
+    other = load_config(CORE_PARAMS, tiny_overrides + ["pretrain.epochs=1", "model.num_parts=2"])
+    with pytest.raises(EmaeError, match=r"model.num_parts: 4 -> 2"):
+        pretrain(other, tmp_path)
+
+
+def test_missing_data_is_a_clear_error(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    config = load_config(CORE_PARAMS, tiny_overrides + [f"data.root={tmp_path / 'nowhere'}"])
+    with pytest.raises(EmaeError, match=r"nowhere/train: data split not found"):
+        pretrain(config, tmp_path / "run")
