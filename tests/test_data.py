@@ -1,0 +1,87 @@
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from emae.config import load_config
+from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, pretrain_transform
+from emae.errors import EmaeError
+from tests.conftest import CORE_PARAMS
+
+
+def _data_cfg(root: Path, *extra: str):
+    return load_config(CORE_PARAMS, [f"data.root={root}", "data.image_size=16", *extra]).data
+
+
+@pytest.fixture()
+def small_tree(tmp_path: Path, digits_root: Path) -> Path:
+    """A copy of the embedded set with 3 images per class and split."""
+    for split in ("train", "val"):
+        for class_dir in sorted((digits_root / split).iterdir()):
+            target = tmp_path / split / class_dir.name
+            target.mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:3]:
+                shutil.copy(image, target / image.name)
+    return tmp_path
+
+
+def test_embedded_set_is_prepared_with_labels_and_split(digits_root: Path) -> None:
+    train = build_dataset(_data_cfg(digits_root), "train", pretrain_transform(_data_cfg(digits_root)))
+    val = build_dataset(_data_cfg(digits_root), "val", None)
+    assert len(train) == 1437 and len(val) == 360
+    image, label = train[0]
+    assert image.shape == (3, 16, 16) and 0 <= label < 10
+    assert sorted(set(val.targets)) == list(range(10))
+
+
+def test_corrupt_image_is_named_or_skipped_with_a_warning(small_tree: Path, caplog) -> None:
+    bad = sorted((small_tree / "train" / "3").iterdir())[0]
+    bad.write_bytes(b"not a png")
+    dataset = build_dataset(_data_cfg(small_tree), "train", None)
+    index = dataset.samples.index((str(bad), 3))
+    with pytest.raises(EmaeError, match=rf"{bad}: cannot read image"):
+        dataset[index]
+    skipping = build_dataset(_data_cfg(small_tree, "data.skip_corrupt=true"), "train", None)
+    image, _ = skipping[index]  # the next readable image instead
+    assert image.size == (16, 16) and str(bad) in caplog.text
+
+
+def test_missing_root_empty_class_and_class_count_are_clear_errors(small_tree: Path, tmp_path: Path) -> None:
+    with pytest.raises(EmaeError, match=r"nowhere/train: data split not found"):
+        build_dataset(_data_cfg(tmp_path / "nowhere"), "train", None)
+    for image in (small_tree / "val" / "7").iterdir():
+        image.unlink()
+    with pytest.raises(EmaeError, match=r"class folder\(s\) without images: 7"):
+        build_dataset(_data_cfg(small_tree), "val", None)
+    with pytest.raises(EmaeError, match=r"has 10 classes but data.num_classes=5"):
+        build_dataset(_data_cfg(small_tree, "data.num_classes=5"), "train", None)
+
+
+def test_cifar_offline_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = _data_cfg(tmp_path, "data.kind=cifar10")
+    with pytest.raises(EmaeError, match=r"cifar10: cannot load or download into"):
+        build_dataset(cfg, "train", None)
+
+
+def test_sampler_resumes_mid_epoch_and_shards_ranks() -> None:
+    full = list(ResumableBatchSampler(100, 8, seed=3))
+    resumed = ResumableBatchSampler(100, 8, seed=3)
+    resumed.set_position(0, start_batch=5)
+    assert list(resumed) == full[5:]
+    ranks = [list(ResumableBatchSampler(100, 8, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    seen = [i for batches in ranks for batch in batches for i, _ in batch]
+    assert len(seen) == len(set(seen))  # ranks take disjoint samples
+    other_epoch = ResumableBatchSampler(100, 8, seed=3)
+    other_epoch.set_position(1)
+    assert list(other_epoch) != full
+
+
+def test_seeded_augmentation_depends_only_on_the_seed(digits_root: Path) -> None:
+    cfg = _data_cfg(digits_root)
+    dataset = SeededDataset(build_dataset(cfg, "train", pretrain_transform(cfg)))
+    a, _ = dataset[(4, 123)]
+    torch.rand(10)  # global RNG use in between must not matter
+    b, _ = dataset[(4, 123)]
+    c, _ = dataset[(4, 124)]
+    assert torch.equal(a, b) and not torch.equal(a, c)
