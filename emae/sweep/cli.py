@@ -175,7 +175,7 @@ def _local_round(sweep: Sweep, n: int, bar: "_Progress") -> list[int | None]:
     previous = _install_stop_handlers(stop)
     try:
         for i in range(n):
-            name = f"local-{i}"
+            name = f"local{os.getpid()}-{i}"  # unique across coordinators sharing the study
             argv = _worker_argv(sweep, name, parent=True, threads=threads)
             with (logs / f"{name}.log").open("ab") as handle:
                 procs.append(subprocess.Popen(local_command(argv, entry=worker_mod.ENTRY), env=env,
@@ -219,7 +219,7 @@ def _submitit_round(sweep: Sweep, n: int, bar: "_Progress") -> list[int | None]:
     os.environ["PYTHONPATH"] = _env()["PYTHONPATH"]  # the local executor's jobs import this emae
     try:
         with executor.batch():
-            jobs = [executor.submit(EmaeCommand(_worker_argv(sweep, f"array-{i}", False, None),
+            jobs = [executor.submit(EmaeCommand(_worker_argv(sweep, f"array{os.getpid()}-{i}", False, None),
                                                 entry=worker_mod.ENTRY)) for i in range(n)]
     finally:
         if old is None:
@@ -231,7 +231,7 @@ def _submitit_round(sweep: Sweep, n: int, bar: "_Progress") -> list[int | None]:
     outcomes: list[Any] = [None] * n
 
     def follow(i: int) -> None:
-        with (sweep.out / WORKERS_DIR / f"array-{i}.log").open("a") as handle:
+        with (sweep.out / WORKERS_DIR / f"array{os.getpid()}-{i}.log").open("a") as handle:
             outcomes[i] = watch(jobs[i], launcher, out=handle, err=handle, describe=f"sweep worker {i}")
 
     threads = [threading.Thread(target=follow, args=(i,), daemon=True) for i in range(n)]
