@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the command line and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="params overrides for every stage (win over the variant)")
+    # the stage name and the overrides are both positional, with options between them
+    parser.parse_args = parser.parse_intermixed_args  # type: ignore[method-assign]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,7 +23,8 @@ try:
 except EmaeError as err:
     raise WorkflowError(f"emae: {err}") from None
 
-if not PIPELINE.stage_enabled("prepare") and not os.path.exists(PIPELINE.data_root):
+if (not PIPELINE.stage_enabled("prepare") and PIPELINE.config.data.kind == "imagefolder"
+        and not os.path.exists(PIPELINE.data_root)):
     print(f"emae: warning: data.root={PIPELINE.data_root!r} does not exist here "
           "(pipeline.stages.prepare is false: set data.root to your data set)", file=sys.stderr)
 
@@ -35,17 +36,16 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 THREADS = config["threads"] or workflow.cores
 
 
-def _launcher_args():
+def launcher_args(stage):
+    """`config["launcher"]` as `emae stage --launcher key=value` arguments (this stage's part)."""
     launcher = config["launcher"]
     if isinstance(launcher, str):
         launcher = {"kind": launcher}
     args = ["--launcher-params", config["launcher_params"]] if config["launcher_params"] else []
     for item in flatten(launcher or {}):
-        args += ["--launcher", item]
+        if not item.startswith("stages.") or item.startswith(f"stages.{stage}."):
+            args += ["--launcher", item]
     return args
-
-
-LAUNCHER_ARGS = _launcher_args()
 
 
 def _run(wildcards):
@@ -76,7 +76,7 @@ def stage_args(stage):
         run = _run(wildcards)
         argv = [stage, *(["--variant", run.variant, "--seed", str(run.seed)] if run else []),
                 "-p", PIPELINE.params, *(["--preset", PIPELINE.preset] if PIPELINE.preset else []),
-                *LAUNCHER_ARGS, *PIPELINE.overrides]
+                *launcher_args(stage), *PIPELINE.overrides]
         return shlex.join(argv)
     return args
 
