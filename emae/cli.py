@@ -14,6 +14,11 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("emae.data.prepare", "write the embedded data set as an ImageFolder tree"),
     "pretrain": ("emae.train.pretrain", "pre-train EMAE / MAE (resumes automatically)"),
+    "knn": ("emae.eval.knn", "kNN top-1/top-5 of a pre-trained encoder (frozen features)"),
+    "linprobe": ("emae.eval.linprobe", "linear probe of a frozen pre-trained encoder (MAE protocol)"),
+    "finetune": ("emae.eval.finetune", "fine-tune a pre-trained encoder (MAE recipe; resumes)"),
+    "consistency": ("emae.eval.consistency", "spread of a model's predictions over random masks"),
+    "visualize": ("emae.eval.visualize", "PNG grids of reconstructions (each of the K parts)"),
     "prepare-dense": ("emae.dense.generate", "write the generated detection/segmentation set (COCO, ADE20K layouts)"),
     "detect": ("emae.dense.detect", "Mask R-CNN (ViTDet-style) on a pre-trained encoder: COCO box/mask AP (resumes)"),
     "segment": ("emae.dense.segment", "UperNet-style semantic segmentation on a pre-trained encoder: mIoU (resumes)"),

@@ -1,0 +1,317 @@
+"""`emae finetune`: end-to-end fine-tuning of a pre-trained encoder, MAE's / BEiT's recipe via timm.
+
+- model: timm VisionTransformer initialised from the encoder export (every encoder key must
+  load; only the new head may be missing), drop path, head weights N(0, 2e-5) as in MAE;
+- optimizer: AdamW with layer-wise lr decay (`timm.optim.create_optimizer_v2(layer_decay=...)`,
+  which puts an `lr_scale` on each layer's group; timm's scheduler multiplies it in at every
+  update), no weight decay on norms, biases, tokens and positions;
+- lr = blr * batch_size * accum_iter * world_size / 256, warmup then half-cycle cosine per step;
+- data: `timm.data.create_transform` (RandomResizedCrop, RandAugment, random erasing), Mixup /
+  CutMix with label smoothing (`timm.data.Mixup` + `SoftTargetCrossEntropy`);
+- autocast, gradient accumulation, DDP, top-1/top-5 on the val split.
+
+Exact resume: batch order and per-image augmentation come from ResumableBatchSampler +
+SeededDataset; before every micro-batch all RNGs are reseeded from (seed, step, micro-batch,
+rank), so Mixup/CutMix and drop path draw what an uninterrupted run draws. Rerunning the command
+continues from `checkpoints/last.pt` (atomic) and ends with the same weights.
+
+Output folder: metrics.json {top1, top5 (percent, val, last epoch), best_top1, val_loss, epochs,
+steps, lr, effective_batch_size, finetune_seconds, world_size, checkpoint}, log.jsonl (per epoch),
+checkpoints/last.pt {model, optimizer, scaler, step, elapsed_seconds, config, rng}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from pydantic import Field, model_validator
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from emae.config import Config, Section
+from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, eval_transform
+from emae.errors import EmaeError
+from emae.eval.features import add_checkpoint_argument, build_encoder, topk_correct
+from emae.eval.training import append_jsonl, check_same_run, gather_rng, mean_across, truncate_log
+from emae.io import write_json
+from emae.seeding import derive_seed, seed_everything, set_rng_states
+from emae.train import distributed
+from emae.train.checkpoint import load_checkpoint, save_checkpoint
+from emae.train.common import (add_config_arguments, autocast, autocast_dtype, config_from_args,
+                               default_device)
+
+log = logging.getLogger("emae.finetune")
+
+
+class FinetuneConfig(Section):
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0, description="images per device per micro-batch")
+    accum_iter: int = Field(gt=0)
+    blr: float = Field(gt=0, description="lr = blr * batch_size * accum_iter * world_size / 256")
+    min_lr: float = Field(ge=0)
+    warmup_epochs: float = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    betas: tuple[float, float]
+    layer_decay: float = Field(gt=0, le=1, description="lr scale per layer towards the input")
+    drop_path: float = Field(ge=0, lt=1)
+    global_pool: Literal["token", "avg"]
+    clip_grad: float | None = Field(gt=0, description="max grad norm, or null for none")
+    mixup: float = Field(ge=0, description="Mixup alpha, 0 = off")
+    cutmix: float = Field(ge=0, description="CutMix alpha, 0 = off")
+    mixup_prob: float = Field(ge=0, le=1)
+    mixup_switch_prob: float = Field(ge=0, le=1)
+    label_smoothing: float = Field(ge=0, lt=1)
+    rand_augment: str | None = Field(description="timm RandAugment string, e.g. rand-m9-mstd0.5-inc1")
+    reprob: float = Field(ge=0, le=1, description="random erasing probability")
+    crop_scale_min: float = Field(gt=0, le=1)
+    checkpoint_every_steps: int = Field(gt=0)
+    eval_every_epochs: int = Field(gt=0)
+    amp: Literal["auto", "bf16", "fp16", "off"]
+    seed: int
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+    @model_validator(mode="after")
+    def _even_batch(self) -> "FinetuneConfig":
+        if self.mixing and self.batch_size % 2:
+            raise ValueError(f"batch_size={self.batch_size} must be even when mixup or cutmix is on "
+                             "(timm's Mixup pairs each image with its mirror in the batch)")
+        if self.rand_augment is not None and not self.rand_augment.startswith("rand"):
+            raise ValueError(f"rand_augment={self.rand_augment!r}: expected a timm RandAugment "
+                             "string such as 'rand-m9-mstd0.5-inc1', or null")
+        return self
+
+
+def train_transform(config: Config, cfg: FinetuneConfig) -> Any:
+    data = config.data
+    return create_transform(
+        input_size=data.image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0),
+        hflip=0.5 if data.hflip else 0.0, color_jitter=None, auto_augment=cfg.rand_augment,
+        interpolation="bicubic", re_prob=cfg.reprob, re_mode="pixel", re_count=1,
+        mean=tuple(data.mean), std=tuple(data.std))
+
+
+def build_model(config: Config, checkpoint: Path) -> VisionTransformer:
+    """timm ViT with a `data.num_classes` head, initialised from the export (all encoder keys)."""
+    cfg: FinetuneConfig = config.section("finetune")
+    model = build_encoder(checkpoint, config.data, seed=cfg.seed, num_classes=config.data.num_classes,
+                          global_pool=cfg.global_pool, fc_norm=False, drop_path_rate=cfg.drop_path)
+    nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE: a near-zero head at the start
+    nn.init.zeros_(model.head.bias)
+    return model
+
+
+def build_optimizer(model: nn.Module, cfg: FinetuneConfig, lr: float) -> torch.optim.Optimizer:
+    return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=cfg.weight_decay,
+                               layer_decay=cfg.layer_decay, betas=cfg.betas)
+
+
+def build_criterion(cfg: FinetuneConfig) -> nn.Module:
+    if cfg.mixing:
+        return SoftTargetCrossEntropy()  # Mixup already smooths the targets
+    if cfg.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
+    return nn.CrossEntropyLoss()
+
+
+# ----------------------------------------------------------------------------------- command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_argument(parser, "encoder export (runs/<variant>/encoder.safetensors)")
+    add_config_arguments(parser, out_required=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    metrics = finetune(config_from_args(args), Path(args.checkpoint), Path(args.out))
+    if metrics:
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
+    cfg: FinetuneConfig = config.section("finetune")
+    # every input error before any heavy work: params, data, checkpoint
+    train_set = SeededDataset(build_dataset(config.data, "train", train_transform(config, cfg)))
+    val_set = build_dataset(config.data, "val", eval_transform(config.data))
+    model = build_model(config, checkpoint)
+
+    dist_info = distributed.init_distributed()
+    device = default_device()
+    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.seed, dist_info.rank,
+                                    dist_info.world_size)
+    steps_per_epoch = len(sampler) // cfg.accum_iter
+    if steps_per_epoch == 0:
+        raise EmaeError(f"train split has {len(train_set)} images: too few for finetune.batch_size="
+                        f"{cfg.batch_size} x accum_iter={cfg.accum_iter} x {dist_info.world_size} ranks")
+    total_steps = steps_per_epoch * cfg.epochs
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=config.data.num_workers,
+                        pin_memory=device.type == "cuda")
+
+    model.to(device)
+    eff_batch = cfg.batch_size * cfg.accum_iter * dist_info.world_size
+    lr = cfg.blr * eff_batch / 256
+    optimizer = build_optimizer(model, cfg, lr)
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
+    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps - warmup, lr_min=cfg.min_lr,
+                                  warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True,
+                                  t_in_epochs=False)
+    amp = autocast_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                  switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.label_smoothing,
+                  num_classes=config.data.num_classes) if cfg.mixing else None
+    criterion = build_criterion(cfg)
+    run_config = {"finetune": cfg.model_dump(mode="json"), "data": config.data.model_dump(mode="json")}
+
+    # resume
+    ckpt_path = out / "checkpoints" / "last.pt"
+    step, elapsed = 0, 0.0
+    state = load_checkpoint(ckpt_path)
+    if state is not None:
+        check_same_run(state["config"], run_config, ckpt_path,
+                       ignore={"epochs", "num_workers", "root", "eval_every_epochs"})
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)])
+        step, elapsed = state["step"], state["elapsed_seconds"]
+        if dist_info.is_main:
+            log.info("resuming from %s at step %d/%d", ckpt_path, step, total_steps)
+    if step >= total_steps and (out / "metrics.json").exists():
+        log.info("%s is complete (%d steps); nothing to do", out, total_steps)
+        return json.loads((out / "metrics.json").read_text()) if dist_info.is_main else {}
+    if dist_info.is_main:
+        truncate_log(out / "log.jsonl", "epoch", step // steps_per_epoch)
+        log.info("fine-tuning %s: %d steps of %d images, lr %.3g, layer decay %g", checkpoint,
+                 total_steps, eff_batch, lr, cfg.layer_decay)
+    train_model: nn.Module = model
+    if dist_info.enabled:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(elapsed_now: float) -> None:
+        rng = gather_rng(dist_info)
+        if dist_info.is_main:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "step": step, "elapsed_seconds": elapsed_now,
+                "config": run_config, "rng": rng})
+        distributed.barrier(dist_info)
+
+    result: dict[str, float] = {}
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
+        first_step = epoch * steps_per_epoch
+        sampler.set_position(epoch, (step - first_step) * cfg.accum_iter)
+        model.train()
+        epoch_start, images, loss_sum, loss_steps = time.perf_counter(), 0, 0.0, 0
+        progress = tqdm(total=steps_per_epoch, initial=step - first_step, unit="step",
+                        desc=f"finetune epoch {epoch + 1}/{cfg.epochs}", disable=not dist_info.is_main,
+                        dynamic_ncols=True)
+        micro = 0
+        for imgs, targets in loader:
+            scheduler.step_update(step)
+            # Mixup/CutMix (numpy) and drop path (torch) draw from the global RNGs: make them a
+            # function of the position so a resumed run draws the same
+            seed_everything(derive_seed(cfg.seed, "finetune", step, micro, dist_info.rank))
+            imgs, targets = imgs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            if mixup is not None:
+                imgs, targets = mixup(imgs, targets)
+            last_micro = micro == cfg.accum_iter - 1
+            no_sync = dist_info.enabled and not last_micro
+            with train_model.no_sync() if no_sync else contextlib.nullcontext():
+                with autocast(device, amp):
+                    loss = criterion(train_model(imgs), targets)
+                if not math.isfinite(float(loss.detach())):
+                    raise EmaeError(f"non-finite loss at step {step}; the last good checkpoint is "
+                                    f"kept at {ckpt_path} (lower finetune.blr?)")
+                scaler.scale(loss / cfg.accum_iter).backward()
+            loss_sum += float(loss.detach()) / cfg.accum_iter
+            images += imgs.shape[0] * dist_info.world_size
+            micro += 1
+            if not last_micro:
+                continue
+            micro = 0
+            if cfg.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_steps += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
+            if step % cfg.checkpoint_every_steps == 0:
+                save(elapsed + time.perf_counter() - epoch_start)
+        progress.close()
+        epoch_seconds = time.perf_counter() - epoch_start
+        elapsed += epoch_seconds
+        record: dict[str, Any] = {
+            "epoch": epoch + 1, "step": step, "lr": max(g["lr"] for g in optimizer.param_groups),
+            "loss": mean_across(loss_sum / max(loss_steps, 1), dist_info, device),
+            "epoch_seconds": epoch_seconds, "images_per_s": images / epoch_seconds}
+        if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs:
+            result = evaluate(model, val_set, cfg.batch_size, config.data.num_workers, device,
+                              dist_info, amp)
+            record |= result
+        if dist_info.is_main:
+            append_jsonl(out / "log.jsonl", record)
+        save(elapsed)
+
+    if not result:  # resumed after the last step but before metrics.json was written
+        result = evaluate(model, val_set, cfg.batch_size, config.data.num_workers, device, dist_info, amp)
+    metrics: dict[str, Any] = {}
+    if dist_info.is_main:
+        logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+        metrics = {**result, "best_top1": max([result["top1"], *(r["top1"] for r in logged if "top1" in r)]),
+                   "epochs": cfg.epochs, "steps": step, "lr": lr, "effective_batch_size": eff_batch,
+                   "finetune_seconds": elapsed, "world_size": dist_info.world_size,
+                   "checkpoint": str(checkpoint)}
+        write_json(out / "metrics.json", metrics)
+        log.info("fine-tuned: top-1 %.2f%%, top-5 %.2f%% -> %s", metrics["top1"], metrics["top5"],
+                 out / "metrics.json")
+    distributed.barrier(dist_info)
+    distributed.cleanup(dist_info)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Any, batch_size: int, num_workers: int, device: torch.device,
+             dist_info: distributed.DistInfo, amp: torch.dtype | None) -> dict[str, float]:
+    """top1 / top5 (percent) and mean cross-entropy on `dataset`; ranks split it, counts are summed."""
+    was_training = model.training
+    model.eval()
+    local = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss sum, count
+    for imgs, labels in tqdm(DataLoader(local, batch_size=batch_size, num_workers=num_workers),
+                             desc="val", unit="batch", leave=False, disable=not dist_info.is_main):
+        imgs, labels = imgs.to(device), labels.to(device)
+        with autocast(device, amp):
+            logits = model(imgs).float()
+        correct = topk_correct(logits, labels)
+        totals += torch.tensor([correct[1], correct[5],
+                                float(nn.functional.cross_entropy(logits, labels, reduction="sum")),
+                                len(labels)], dtype=torch.float64, device=device)
+    if dist_info.enabled:
+        torch.distributed.all_reduce(totals)
+    model.train(was_training)
+    n = max(float(totals[3]), 1.0)
+    return {"top1": 100.0 * float(totals[0]) / n, "top5": 100.0 * float(totals[1]) / n,
+            "val_loss": float(totals[2]) / n}

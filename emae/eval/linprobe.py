@@ -1,0 +1,257 @@
+"""`emae linprobe`: linear probe of a frozen encoder, MAE's protocol (main_linprobe.py).
+
+The encoder is frozen (eval mode, no gradients); the head is BatchNorm1d(affine=False, eps=1e-6)
+followed by a Linear layer (weights N(0, 0.01)) on the class-token feature, trained with LARS
+(timm.optim.Lars; trust ratio on the weight matrix only, as MAE's LARS), lr = blr * batch_size *
+world_size / 256, warmup then half-cycle cosine per iteration, no weight decay.
+
+With `linprobe.augment: false` the features of both splits are computed once and the head trains
+on the cached tensors (seconds); with `true`, training images get MAE's RandomResizedCrop + flip
+and pass the encoder every step. Checkpoints (`checkpoints/last.pt`, atomic) hold the head only;
+rerunning resumes exactly (batch order and augmentation are functions of seed and position).
+
+Output folder: metrics.json {top1, top5 (percent, val, last epoch), best_top1, epochs, steps,
+lr, feature_dim, num_train, num_val, augment, random_init, checkpoint, seconds}, log.jsonl (per
+epoch: epoch, step, loss, lr, top1, top5), checkpoints/last.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+import torch.nn as nn
+from pydantic import Field
+from timm.optim import Lars
+from timm.scheduler import CosineLRScheduler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torchvision import transforms
+from tqdm import tqdm
+
+from emae.config import Config, Section
+from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, eval_transform
+from emae.errors import EmaeError
+from emae.eval.features import (accuracy, add_checkpoint_argument, add_random_init_argument,
+                                build_encoder, extract_features)
+from emae.eval.training import append_jsonl, check_same_run, gather_rng, mean_across, truncate_log
+from emae.io import write_json
+from emae.seeding import set_rng_states
+from emae.train import distributed
+from emae.train.checkpoint import load_checkpoint, save_checkpoint
+from emae.train.common import (add_config_arguments, autocast, autocast_dtype, config_from_args,
+                               default_device)
+
+log = logging.getLogger("emae.linprobe")
+
+
+class LinprobeConfig(Section):
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0, description="per device")
+    blr: float = Field(gt=0, description="lr = blr * batch_size * world_size / 256")
+    min_lr: float = Field(ge=0)
+    warmup_epochs: float = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    momentum: float = Field(ge=0, lt=1)
+    augment: bool = Field(description="false: cached features; true: RandomResizedCrop + flip")
+    crop_scale_min: float = Field(gt=0, le=1)
+    checkpoint_every_steps: int = Field(gt=0)
+    amp: Literal["auto", "bf16", "fp16", "off"]
+    seed: int
+
+
+class ProbeHead(nn.Sequential):
+    """MAE's probe: BatchNorm1d without affine parameters, then a linear classifier."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+        nn.init.trunc_normal_(self[1].weight, std=0.01)
+        nn.init.zeros_(self[1].bias)
+
+
+def build_lars(head: nn.Module, lr: float, cfg: LinprobeConfig) -> Lars:
+    """LARS adapting only matrices (MAE's LARS skips biases and norms)."""
+    matrices = [p for p in head.parameters() if p.ndim > 1]
+    vectors = [p for p in head.parameters() if p.ndim <= 1]
+    return Lars([{"params": matrices, "always_adapt": True, "weight_decay": cfg.weight_decay},
+                 {"params": vectors, "always_adapt": False, "weight_decay": 0.0}],
+                lr=lr, momentum=cfg.momentum)
+
+
+def probe_train_transform(config: Config, cfg: LinprobeConfig) -> transforms.Compose:
+    """MAE's linprobe augmentation: RandomResizedCrop (bicubic) + flip (when the data allow it)."""
+    steps: list[Any] = [transforms.RandomResizedCrop(
+        config.data.image_size, scale=(cfg.crop_scale_min, 1.0),
+        interpolation=transforms.InterpolationMode.BICUBIC)]
+    if config.data.hflip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize(config.data.mean, config.data.std)]
+    return transforms.Compose(steps)
+
+
+# ----------------------------------------------------------------------------------- command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_argument(parser, "encoder export (runs/<variant>/encoder.safetensors)")
+    add_random_init_argument(parser)
+    add_config_arguments(parser, out_required=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    metrics = evaluate_linprobe(config_from_args(args), Path(args.checkpoint), Path(args.out),
+                                random_init=args.random_init)
+    if metrics:
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+def evaluate_linprobe(config: Config, checkpoint: Path, out: Path, random_init: bool = False
+                      ) -> dict[str, Any]:
+    cfg: LinprobeConfig = config.section("linprobe")
+    train_tf = probe_train_transform(config, cfg) if cfg.augment else eval_transform(config.data)
+    train_set = build_dataset(config.data, "train", train_tf)
+    val_set = build_dataset(config.data, "val", eval_transform(config.data))
+    encoder = build_encoder(checkpoint, config.data, random_init=random_init, seed=cfg.seed)
+    metrics = linear_probe(encoder, config, out, train_set, val_set)
+    if metrics:
+        metrics |= {"random_init": random_init, "checkpoint": str(checkpoint)}
+        write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, val_set: Any
+                 ) -> dict[str, Any]:
+    """Train a probe on the frozen `encoder` (left unchanged); metrics on rank 0, {} elsewhere."""
+    cfg: LinprobeConfig = config.section("linprobe")
+    dist_info = distributed.init_distributed()
+    device = default_device()
+    amp = autocast_dtype(cfg.amp, device)
+    start = time.perf_counter()
+    encoder.requires_grad_(False)
+    encoder.eval().to(device)
+
+    # features: val always cached; train cached unless augmented
+    common = dict(batch_size=cfg.batch_size, num_workers=config.data.num_workers, device=device,
+                  dist_info=dist_info, amp_dtype=amp)
+    val_feats, val_labels = extract_features(encoder, val_set, desc="val features", **common)
+    cached = None if cfg.augment else extract_features(encoder, train_set, desc="train features", **common)
+
+    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.seed, dist_info.rank,
+                                    dist_info.world_size)
+    steps_per_epoch = len(sampler)
+    if steps_per_epoch == 0:
+        raise EmaeError(f"train split has {len(train_set)} images: too few for linprobe.batch_size="
+                        f"{cfg.batch_size} x {dist_info.world_size} ranks")
+    total_steps = steps_per_epoch * cfg.epochs
+    lr = cfg.blr * cfg.batch_size * dist_info.world_size / 256
+
+    head = ProbeHead(val_feats.shape[1], config.data.num_classes).to(device)
+    optimizer = build_lars(head, lr, cfg)
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
+    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps - warmup, lr_min=cfg.min_lr,
+                                  warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True,
+                                  t_in_epochs=False)
+    run_config = {"linprobe": cfg.model_dump(mode="json"), "data": config.data.model_dump(mode="json")}
+
+    ckpt_path = out / "checkpoints" / "last.pt"
+    step = 0
+    state = load_checkpoint(ckpt_path)
+    if state is not None:
+        check_same_run(state["config"], run_config, ckpt_path, ignore={"epochs", "num_workers", "root"})
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_states(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)])
+        step = state["step"]
+        log.info("resuming from %s at step %d/%d", ckpt_path, step, total_steps)
+    if dist_info.is_main:
+        truncate_log(out / "log.jsonl", "epoch", step // steps_per_epoch)
+
+    train_head: nn.Module = DistributedDataParallel(head) if dist_info.enabled else head
+    loader = DataLoader(SeededDataset(train_set), batch_sampler=sampler,
+                        num_workers=config.data.num_workers) if cached is None else None
+    criterion = nn.CrossEntropyLoss()
+
+    def save() -> None:
+        rng = gather_rng(dist_info)
+        if dist_info.is_main:
+            save_checkpoint(ckpt_path, {"head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "step": step, "config": run_config, "rng": rng})
+        distributed.barrier(dist_info)
+
+    record: dict[str, Any] = {}
+    best = 0.0
+    # on cached features every op is tiny: CPU threads would only wait for each other
+    threads = torch.get_num_threads()
+    if cached is not None and device.type == "cpu":
+        torch.set_num_threads(1)
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
+        sampler.set_position(epoch, step - epoch * steps_per_epoch)
+        head.train()
+        losses = []
+        batches = _batches(sampler, cached) if cached is not None else loader
+        for x, y in tqdm(batches, total=steps_per_epoch - (step - epoch * steps_per_epoch),
+                         desc=f"probe epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
+                         disable=not dist_info.is_main, dynamic_ncols=True):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cached is None:
+                with torch.no_grad(), autocast(device, amp):
+                    x = encoder(x)  # [B, D], frozen
+            scheduler.step_update(step)
+            loss = criterion(train_head(x.float()), y)
+            if not math.isfinite(float(loss)):
+                raise EmaeError(f"non-finite probe loss at step {step}; lower linprobe.blr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+            step += 1
+            if step % cfg.checkpoint_every_steps == 0:
+                save()
+        result = _evaluate(head, val_feats, val_labels, device)
+        best = max(best, result["top1"])
+        record = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                  "loss": mean_across(sum(losses) / max(len(losses), 1), dist_info, device), **result}
+        if dist_info.is_main:
+            append_jsonl(out / "log.jsonl", record)
+        save()
+
+    torch.set_num_threads(threads)
+    if not record:  # complete already: evaluate the saved head
+        record = _evaluate(head, val_feats, val_labels, device)
+    best = max([best, *(json.loads(line)["top1"] for line in _log_lines(out / "log.jsonl"))])
+    metrics = {"top1": record["top1"], "top5": record["top5"], "best_top1": best,
+               "epochs": cfg.epochs, "steps": step, "lr": lr, "feature_dim": int(val_feats.shape[1]),
+               "num_train": len(train_set), "num_val": len(val_set), "augment": cfg.augment,
+               "seconds": time.perf_counter() - start}
+    distributed.barrier(dist_info)
+    distributed.cleanup(dist_info)
+    return metrics if dist_info.is_main else {}
+
+
+def _batches(sampler: ResumableBatchSampler, cached: tuple[torch.Tensor, torch.Tensor]
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of cached features in the sampler's order (no augmentation, so seeds are unused)."""
+    feats, labels = cached
+    for batch in sampler:
+        index = torch.tensor([i for i, _ in batch])
+        yield feats[index], labels[index]
+
+
+@torch.no_grad()
+def _evaluate(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, device: torch.device
+              ) -> dict[str, float]:
+    head.eval()
+    scores = torch.cat([head(feats[i : i + 4096].to(device)).float().cpu()
+                        for i in range(0, len(feats), 4096)])
+    return accuracy(scores, labels)
+
+
+def _log_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
