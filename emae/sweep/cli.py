@@ -207,7 +207,7 @@ def _submitit_round(sweep: Sweep, n: int, bar: "_Progress") -> list[int | None]:
     `launcher.stages.sweep_worker`, each job a checkpointable `EmaeCommand` (requeued on time-out)."""
     from emae.launch.config import load_launcher_config
     from emae.launch.job import EmaeCommand
-    from emae.launch.runner import cancel, make_executor, watch
+    from emae.launch.runner import LaunchError, cancel, make_executor, watch
 
     launcher = load_launcher_config(sweep.config.extra.get("launcher"), name="params: launcher")
     launcher = launcher.model_copy(update={"kind": sweep.settings.backend,
@@ -221,6 +221,11 @@ def _submitit_round(sweep: Sweep, n: int, bar: "_Progress") -> list[int | None]:
         with executor.batch():
             jobs = [executor.submit(EmaeCommand(_worker_argv(sweep, f"array{os.getpid()}-{i}", False, None),
                                                 entry=worker_mod.ENTRY)) for i in range(n)]
+    except Exception as err:  # noqa: BLE001 - sbatch refused / no controller: submitit's errors vary
+        output = (getattr(err, "output", b"") or b"")
+        detail = str(err).strip() or (output.decode(errors="replace") if isinstance(output, bytes) else str(output))
+        raise LaunchError(f"submitting {n} sweep worker job(s) ({sweep.settings.backend}) failed: "
+                          f"{type(err).__name__}: {detail}") from None
     finally:
         if old is None:
             os.environ.pop("PYTHONPATH", None)
