@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from emae.config import load_config
 from emae.errors import EmaeError
+from emae.train.checkpoint import save_checkpoint
 from emae.train.pretrain import NonFiniteLossError, pretrain
 from tests.conftest import CORE_PARAMS, REPO, cli_env
 
@@ -24,12 +25,12 @@ def _final_weights(out: Path) -> dict[str, torch.Tensor]:
                                      ["model.num_parts=4", "model.consistency_weight=1"]],
                          ids=["mae", "emae"])
 def test_loss_falls_and_outputs_are_written(tmp_path: Path, tiny_overrides: list[str], variant: list[str]) -> None:
-    config = load_config(CORE_PARAMS, tiny_overrides + variant + ["pretrain.epochs=4", "pretrain.blr=5e-3"])
+    config = load_config(CORE_PARAMS, tiny_overrides + variant + ["pretrain.epochs=3", "pretrain.blr=5e-3"])
     metrics = pretrain(config, tmp_path)
     epochs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
     assert epochs[-1]["recon_loss"] < 0.9 * epochs[0]["recon_loss"]
-    assert metrics["steps"] == 4 * (1437 // 32)
+    assert metrics["steps"] == 3 * (1437 // 64)
     for name in ("config.yaml", "encoder.safetensors", "metrics.json", "steps.jsonl", "checkpoints/last.pt"):
         assert (tmp_path / name).exists(), name
     assert set(load_file(str(tmp_path / "encoder.safetensors"))) >= {"cls_token", "pos_embed", "norm.weight"}
@@ -39,7 +40,7 @@ def test_loss_falls_and_outputs_are_written(tmp_path: Path, tiny_overrides: list
 
 def test_resume_after_sigkill_is_exact(tmp_path: Path, tiny_overrides: list[str]) -> None:
     args = [sys.executable, "-m", "emae.cli", "pretrain", *[a for f in CORE_PARAMS for a in ("-p", str(f))], *tiny_overrides,
-            "pretrain.epochs=2", "pretrain.checkpoint_every_steps=7"]
+            "pretrain.epochs=2", "pretrain.checkpoint_every_steps=4"]
     env = cli_env() | {"OMP_NUM_THREADS": "1"}
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     subprocess.run(args + ["-o", str(reference)], env=env, cwd=REPO, check=True, capture_output=True)
@@ -50,12 +51,11 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path, tiny_overrides: list[str]
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    time.sleep(0.3)  # a few steps past the first checkpoint (step 7 of 70): mid-epoch
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (resumed / "metrics.json").exists(), "the run finished before it could be killed"
     killed_at = torch.load(ckpt, weights_only=False)["step"]
-    assert 0 < killed_at < 35  # inside the first epoch
+    assert 0 < killed_at < 1437 // 64  # inside the first epoch
 
     subprocess.run(args + ["-o", str(resumed)], env=env, cwd=REPO, check=True, capture_output=True)
     ref, res = _final_weights(reference), _final_weights(resumed)
@@ -75,9 +75,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
 
 
 def test_resuming_with_other_params_is_refused(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    config = load_config(CORE_PARAMS, tiny_overrides + ["pretrain.epochs=1"])
-    pretrain(config, tmp_path)
-    other = load_config(CORE_PARAMS, tiny_overrides + ["pretrain.epochs=1", "model.num_parts=2"])
+    earlier = load_config(CORE_PARAMS, tiny_overrides)
+    save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"config": earlier.to_dict()})
+    other = load_config(CORE_PARAMS, tiny_overrides + ["model.num_parts=2"])
     with pytest.raises(EmaeError, match=r"model.num_parts: 4 -> 2"):
         pretrain(other, tmp_path)
 
