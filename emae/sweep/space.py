@@ -100,19 +100,18 @@ class SearchSpace:
         self.base = config.to_dict()
         self.axes = {key: self._axis(key, dim) for key, dim in sweep.dimensions().items()}
         if not self.axes:
-            raise ConfigError(f"{self._where('sweep.space')}: sweep.space is empty: give at least one "
-                              f"dimension, e.g. model.num_parts: {{low: 1, high: 4}}")
+            raise self._error("sweep.space", "sweep.space is empty: give at least one dimension, "
+                              "e.g. model.num_parts: {low: 1, high: 4}")
         names = [axis.name for axis in self.axes.values()]
         if len(set(names)) != len(names):
-            raise ConfigError(f"{self._where('sweep.space')}: sweep.space keys must differ after their "
-                              f"section (Optuna names them {names})")
+            raise self._error("sweep.space", f"sweep.space keys must differ after their section "
+                              f"(Optuna names them {names})")
         self._check_constraint()
         if sweep.sampler == "grid":
             loose = [a.key for a in self.axes.values() if a.choices is None]
             if loose:
-                raise ConfigError(f"{self._where('sweep.sampler')}: sampler 'grid' needs discrete "
-                                  f"dimensions; {', '.join(loose)} is a continuous range (give "
-                                  "`values` or a `step`)")
+                raise self._error("sweep.sampler", f"sampler 'grid' needs discrete dimensions; "
+                                  f"{', '.join(loose)} is a continuous range (give `values` or a `step`)")
         else:
             self._check_conditional()
 
@@ -134,9 +133,12 @@ class SearchSpace:
         is_int = isinstance(base, int) and not isinstance(base, bool)
         numeric = is_int or isinstance(base, float)
         if dim.values is not None:
-            if is_int and not all(isinstance(v, int) and not isinstance(v, bool) for v in dim.values):
+            def all_of(kinds: tuple[type, ...]) -> bool:
+                return all(isinstance(v, kinds) and not isinstance(v, bool) for v in dim.values)
+
+            if is_int and not all_of((int,)):
                 raise ConfigError(f"{where}.values = {dim.values}: {key} takes integers")
-            if numeric and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in dim.values):
+            if numeric and not all_of((int, float)):
                 raise ConfigError(f"{where}.values = {dim.values}: {key} takes numbers")
             vals = [float(v) if isinstance(base, float) else v for v in dim.values]
             choices = tuple(sorted(vals)) if numeric else tuple(vals)
@@ -165,37 +167,43 @@ class SearchSpace:
         axis = self.axes.get(PARTS)
         return axis.choices if axis else (self.base["model"]["num_parts"],)
 
+    def _error(self, key: str, message: str) -> ConfigError:
+        """`<file>: sweep.space...: message` (the file that set `key`)."""
+        return ConfigError(f"{self._where(key)}: {message}")
+
     def _check_constraint(self) -> None:
         L = self.num_patches
         if RATIO in self.axes and self.axes[RATIO].choices is None:
-            raise ConfigError(f"{self._where(f'sweep.space.{RATIO}')}: sweep.space.{RATIO}: the mask ratio must be discrete (`values`, or "
-                              f"low/high with a `step`): only int(L * (1 - r)) matters (L = {L})")
+            raise self._error(f"sweep.space.{RATIO}", f"sweep.space.{RATIO}: the mask ratio must be "
+                              "discrete (`values`, or low/high with a `step`): only int(L * (1 - r)) "
+                              f"matters (L = {L})")
         ratios, parts = self._ratio_choices(), self._parts_choices()
         for r in ratios:
             if num_visible(L, r) < 1:
-                raise ConfigError(f"{self._where('sweep.space')}: sweep.space.{RATIO}: {r} leaves no visible patch of L = {L}")
+                raise self._error("sweep.space", f"sweep.space.{RATIO}: {r} leaves no visible patch "
+                                  f"of L = {L}")
             allowed = allowed_num_parts(L, r)
             if not any(k in allowed for k in parts):
-                raise ConfigError(
-                    f"{self._where('sweep.space')}: sweep.space: mask_ratio {r} allows K in {allowed.start}..{allowed.stop - 1} "
-                    f"(L = {L}, {num_visible(L, r)} visible patches per part) but the space has K in "
-                    f"{list(parts)}; drop that ratio or widen model.num_parts")
+                raise self._error("sweep.space", f"sweep.space: mask_ratio {r} allows K in "
+                                  f"{allowed.start}..{allowed.stop - 1} (L = {L}, {num_visible(L, r)} "
+                                  f"visible patches per part) but the space has K in {list(parts)}; "
+                                  "drop that ratio or widen model.num_parts")
         for k in parts:
             if not any(k in allowed_num_parts(L, r) for r in ratios):
-                raise ConfigError(
-                    f"{self._where('sweep.space')}: sweep.space: K = {k} needs K * int(L * (1 - r)) <= L = {L}, which no mask ratio "
-                    f"of the space ({list(ratios)}) allows; drop it or add larger ratios")
+                raise self._error("sweep.space", f"sweep.space: K = {k} needs K * int(L * (1 - r)) <= "
+                                  f"L = {L}, which no mask ratio of the space ({list(ratios)}) "
+                                  "allows; drop it or add larger ratios")
 
     def _check_conditional(self) -> None:
         """TPE/random draw one of (ratio, K) first and move the other's bound: it must be a range."""
         if RATIO in self.axes and PARTS in self.axes:
             if self.axes[RATIO].arithmetic is None and not self.axes[PARTS].movable:
-                raise ConfigError(
-                    f"{self._where('sweep.space')}: with sampler {self.sweep.sampler!r}, model.mask_ratio or "
+                raise self._error("sweep.space", (
+                    f"sweep.space: with sampler {self.sweep.sampler!r}, model.mask_ratio or "
                     "model.num_parts must be a range (low/high, or evenly spaced values) so that it "
                     "can be drawn within what the other allows; both are uneven lists "
                     f"({list(self.axes[RATIO].choices)}, {list(self.axes[PARTS].choices)}). "
-                    "Use sampler: grid, or give one of them as a range")
+                    "Use sampler: grid, or give one of them as a range"))
 
     # ------------------------------------------------------------------------------ queries
 
@@ -278,7 +286,8 @@ class SearchSpace:
                 return trial.suggest_int(axis.name, dim.low, dim.high, log=True)
             return trial.suggest_int(axis.name, int(arith[0]), int(arith[1]), step=int(arith[2]))
         if dim.values is not None or dim.step is not None:
-            return round(trial.suggest_float(axis.name, arith[0], arith[1], step=arith[2]), _DECIMALS)
+            value = trial.suggest_float(axis.name, arith[0], arith[1], step=arith[2])
+            return round(value, _DECIMALS)
         return trial.suggest_float(axis.name, dim.low, dim.high, log=dim.log)
 
     def describe(self) -> str:
@@ -287,5 +296,6 @@ class SearchSpace:
             if axis.choices is not None and len(axis.choices) <= 12:
                 parts.append(f"{key} in {list(axis.choices)}")
             else:
-                parts.append(f"{key} in [{axis.dim.low:g}, {axis.dim.high:g}]" + (" (log)" if axis.dim.log else ""))
+                scale = " (log)" if axis.dim.log else ""
+                parts.append(f"{key} in [{axis.dim.low:g}, {axis.dim.high:g}]{scale}")
         return "; ".join(parts)
