@@ -41,23 +41,38 @@ def consistency_loss(
         0.5 * (d(p_i, sg(p_j)) + d(sg(p_i), p_j)),   sg = stop-gradient,
     with d the per-patch mean absolute (l1) or squared (mse) difference, averaged over all
     (pair, patch) overlaps. pred: [K, B, L, P], mask: [K, B, L]. Zero when K = 1.
+
+    Computed without the pairs' copies: the stop-gradient pair has the value of d(p_i, p_j) and
+    half its gradient, i.e. 0.5 * d + 0.5 * sg(d); l1 sums the K(K-1)/2 pair differences one pair
+    at a time (views, no gathered copies), mse uses the closed form over the parts that mask a
+    patch, sum_{i<j} |p_i - p_j|^2 = M * sum_i |p_i - mean|^2, which is O(K) instead of O(K^2).
     """
+    if distance not in ("l1", "mse"):
+        raise ValueError(f"unknown consistency distance {distance!r}: use 'l1' or 'mse'")
     num_parts = pred.shape[0]
     if num_parts < 2:
         return pred.sum() * 0.0
-    i, j = torch.triu_indices(num_parts, num_parts, offset=1, device=pred.device)  # [pairs]
-    both = (mask[i] & mask[j]).to(pred.dtype)  # [pairs, B, L]
-    p_i, p_j = pred[i], pred[j]  # [pairs, B, L, P]
-    d_i = _distance(p_i, p_j.detach(), distance)  # gradient flows into p_i only
-    d_j = _distance(p_i.detach(), p_j, distance)  # gradient flows into p_j only
-    per_patch = 0.5 * (d_i + d_j)  # [pairs, B, L]
-    return (per_patch * both).sum() / both.sum().clamp_min(1.0)
+    maskf = mask.to(pred.dtype)  # [K, B, L]
+    if distance == "l1":
+        total = pred.new_zeros(())
+        for i in range(num_parts):
+            for j in range(i + 1, num_parts):
+                per_patch = (pred[i] - pred[j]).abs().mean(dim=-1)  # [B, L]
+                total = total + (per_patch * maskf[i] * maskf[j]).sum()
+    else:
+        total = _pairwise_sq_sum(pred, maskf)
+    masked = maskf.sum(dim=0)  # [B, L]: parts that mask each patch
+    pairs = (masked * (masked - 1) / 2).sum()  # (pair, patch) overlaps
+    value = total / pairs.clamp_min(1.0)
+    return 0.5 * value + 0.5 * value.detach()
 
 
-def _distance(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
-    diff = a - b
-    if kind == "l1":
-        return diff.abs().mean(dim=-1)
-    if kind == "mse":
-        return diff.pow(2).mean(dim=-1)
-    raise ValueError(f"unknown consistency distance {kind!r}: use 'l1' or 'mse'")
+def _pairwise_sq_sum(pred: torch.Tensor, maskf: torch.Tensor) -> torch.Tensor:
+    """sum over pairs i < j and patches masked in both of mean_P (p_i - p_j)^2, in O(K):
+    per patch, over the M parts that mask it, sum_{i<j} |p_i - p_j|^2 = M * sum_i |p_i - mean|^2
+    (centred first: no cancellation when the parts nearly agree). pred: [K, B, L, P]."""
+    m = maskf.unsqueeze(-1)  # [K, B, L, 1]
+    count = m.sum(dim=0)  # [B, L, 1]
+    mean = (pred * m).sum(dim=0) / count.clamp_min(1.0)  # [B, L, P]
+    spread = ((pred - mean) * m).pow(2).sum(dim=0).mean(dim=-1)  # [B, L]
+    return (count.squeeze(-1) * spread).sum()

@@ -62,12 +62,15 @@ def parallel_masks(
     return mask
 
 
-def visible_indices(mask: torch.Tensor) -> torch.Tensor:
+def visible_indices(mask: torch.Tensor, n_keep: int | None = None) -> torch.Tensor:
     """Indices of the visible patches of each part, ascending: `[K, B, L]` -> `[K, B, n_keep]`.
 
     Every part of a `parallel_masks` output has the same number of visible patches, so the
-    indices form a dense tensor that the encoder uses to gather its input tokens.
+    indices form a dense tensor that the encoder uses to gather its input tokens. Pass `n_keep`
+    when it is known (`num_visible(L, mask_ratio)`): counting it reads a value back from the
+    device, a host sync per step and a graph break under torch.compile.
     """
-    n_keep = int((~mask[0, 0]).sum())
+    if n_keep is None:
+        n_keep = int((~mask[0, 0]).sum())
     # a stable sort of the mask puts the False (visible) positions first, in ascending order
     return torch.argsort(mask.to(torch.uint8), dim=-1, stable=True)[..., :n_keep]

@@ -21,7 +21,7 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from emae.losses import consistency_loss, patch_targets, reconstruction_loss
-from emae.masking import parallel_masks, visible_indices
+from emae.masking import num_visible, parallel_masks, visible_indices
 
 
 @dataclass
@@ -191,10 +191,12 @@ class EMAE(nn.Module):
     def forward(self, imgs: torch.Tensor, generator: torch.Generator | None = None,
                 mask: torch.Tensor | None = None) -> EMAEOutput:
         """imgs: [B, C, H, W]. Masks come from `generator` (or are given: [K, B, L])."""
+        n_keep = None  # a given mask may use another ratio (e.g. the consistency evaluation)
         if mask is None:
             mask = parallel_masks(imgs.shape[0], self.num_patches, self.num_parts, self.mask_ratio,
                                   generator=generator, device=imgs.device)
-        ids_keep = visible_indices(mask)
+            n_keep = num_visible(self.num_patches, self.mask_ratio)  # no device read-back
+        ids_keep = visible_indices(mask, n_keep)
         latent = self.forward_encoder(imgs, ids_keep)
         pred = self.forward_decoder(latent, ids_keep)
         loss, recon, consistency = self.forward_loss(imgs, pred, mask)
