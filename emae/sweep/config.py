@@ -56,6 +56,8 @@ class Budget(Section):
     epochs: int = Field(gt=0, description="pre-training epochs per trial (the lr schedule spans them)")
     seconds: float | None = Field(gt=0, description="optional wall-clock cap per trial (pre-training "
                                   "seconds); checked after each epoch with a kNN value; null = none")
+    warmup_epochs: float | None = Field(ge=0, description="lr warm-up of a trial (short budgets want "
+                                        "less than the full recipe); null = pretrain.warmup_epochs")
 
 
 class MedianPrunerConfig(Section):

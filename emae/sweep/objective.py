@@ -42,6 +42,8 @@ def trial_config(base: dict[str, Any], sweep: SweepConfig, space: SearchSpace,
     tree = copy.deepcopy(base)
     space.apply(tree, params)
     tree["pretrain"]["epochs"] = sweep.budget.epochs
+    if sweep.budget.warmup_epochs is not None:
+        tree["pretrain"]["warmup_epochs"] = sweep.budget.warmup_epochs
     needs_knn = sweep.objective == "knn" or sweep.prune_every_epochs > 0
     every = sweep.prune_every_epochs or sweep.budget.epochs
     tree["pretrain"]["knn_every_epochs"] = min(every, sweep.budget.epochs) if needs_knn else 0
