@@ -42,7 +42,7 @@ from emae.eval.features import (accuracy, add_checkpoint_argument, add_random_in
                                 build_encoder, extract_features)
 from emae.eval.training import append_jsonl, check_same_run, gather_rng, mean_across, truncate_log
 from emae.io import write_json
-from emae.seeding import set_rng_states
+from emae.seeding import derive_seed, seed_everything, set_rng_states
 from emae.train import distributed
 from emae.train.checkpoint import load_checkpoint, save_checkpoint
 from emae.train.common import (add_config_arguments, autocast, autocast_dtype, config_from_args,
@@ -152,6 +152,7 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
     total_steps = steps_per_epoch * cfg.epochs
     lr = cfg.blr * cfg.batch_size * dist_info.world_size / 256
 
+    seed_everything(derive_seed(cfg.seed, "probe head"))  # same head on every rank and every rerun
     head = ProbeHead(val_feats.shape[1], config.data.num_classes).to(device)
     optimizer = build_lars(head, lr, cfg)
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
@@ -205,12 +206,12 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
                     x = encoder(x)  # [B, D], frozen
             scheduler.step_update(step)
             loss = criterion(train_head(x.float()), y)
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(float(loss.detach())):
                 raise EmaeError(f"non-finite probe loss at step {step}; lower linprobe.blr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             if step % cfg.checkpoint_every_steps == 0:
                 save()
