@@ -1,0 +1,211 @@
+"""The pipeline's DAGs without running the stages: Snakemake dry-runs of every preset, config
+validation before anything runs, the generated dvc.yaml is current and agrees with the Snakefile job
+for job, `emae stage`, and the SLURM profile as users install and name it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PARAMS, REPO, cli_env, run_cli
+
+pytestmark = pytest.mark.skipif(shutil.which("snakemake") is None, reason="snakemake not installed")
+
+PRESETS = sorted(p.stem for p in (PARAMS / "presets").glob("*.yaml"))
+STAGE_CMD = re.compile(r"emae\.cli stage (\w+)(?: --variant (\w+) --seed (\d+))?")
+
+
+def snakemake(workdir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The real snakemake on the repository's Snakefile, with `workdir` as working directory."""
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args],
+        cwd=workdir, env=env or cli_env(), capture_output=True, text=True, timeout=300)
+
+
+def dry_run_jobs(output: str) -> dict[tuple, dict[str, set[str]]]:
+    """(stage, variant, seed) -> {"outs", "deps"} of every job a dry-run with -p prints."""
+    jobs: dict[tuple, dict[str, set[str]]] = {}
+    for block in re.findall(r"^(?:local)?rule \w+:\n(.*?)^Shell command: ([^\n]*)", output, re.M | re.S):
+        if block[1] == "None":  # rule all
+            continue
+        fields = dict(re.findall(r"^    (input|output): (.*)$", block[0], re.M))
+        key = STAGE_CMD.search(block[1]).groups()
+        assert key not in jobs, key
+        jobs[key] = {k: {p.strip() for p in fields.get(f, "").split(",") if p.strip()}
+                     for k, f in (("outs", "output"), ("deps", "input"))}
+    return jobs
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry-run: rule -> number of jobs."""
+    table = output.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+
+
+@pytest.mark.parametrize("preset", [None, *PRESETS])
+def test_dry_run_of_every_preset(tmp_path: Path, preset: str | None) -> None:
+    from emae.workflow.stages import Pipeline
+
+    assert {"cifar10", "imagenet_vit_b16", "imagenet_vit_l16"} <= set(PRESETS)
+    config = [f"params={PARAMS}", *([f"preset={preset}"] if preset else [])]
+    result = snakemake(tmp_path, "-n", "-p", "--cores", "2", "--config", *config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    pipeline = Pipeline(PARAMS, preset)
+    counts = job_counts(out)
+    runs = len(pipeline.settings.variants) * len(pipeline.settings.seeds)
+    for stage in pipeline.stages:
+        assert counts.get(stage) == (runs if stage not in ("prepare", "report") else 1), (stage, counts)
+    assert ("prepare" in counts) == pipeline.settings.stages.prepare
+    # every job's command goes through `emae stage` (-> `emae launch`), with the preset
+    commands = [line for line in out.splitlines() if "-m emae.cli stage" in line]
+    assert len(commands) == sum(counts.values()) - counts["all"]
+    if preset:
+        assert all(f"--preset {preset}" in c for c in commands)
+        assert f"--preset {preset}" in run_cli("stage", "pretrain", "--variant", "emae", "--seed",
+                                               str(pipeline.settings.seeds[0]), "--preset", preset,
+                                               "--print").stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_imagenet_presets_follow_the_mae_recipe() -> None:
+    from emae.config import load_config
+
+    for preset, width, depth, heads in (("imagenet_vit_b16", 768, 12, 12), ("imagenet_vit_l16", 1024, 24, 16)):
+        cfg = load_config([PARAMS], [], preset)
+        m, p, d = cfg.model, cfg.pretrain, cfg.data
+        assert (m.embed_dim, m.depth, m.num_heads) == (width, depth, heads)
+        assert (m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads, m.patch_size) == (512, 8, 16, 16)
+        assert (d.image_size, d.num_classes, d.crop_scale_min, d.hflip) == (224, 1000, 0.2, True)
+        assert d.mean == (0.485, 0.456, 0.406) and d.std == (0.229, 0.224, 0.225)
+        assert (m.mask_ratio, m.num_parts, p.blr, p.warmup_epochs, p.epochs) == (0.75, 4, 1.5e-4, 40, 800)
+        assert p.batch_size * p.accum_iter * 8 == 4096  # on the 8 GPUs the preset names
+
+
+def test_bad_variant_stops_before_anything_runs(tmp_path: Path) -> None:
+    params = tmp_path / "params"
+    shutil.copytree(PARAMS, params)
+    pipeline_yaml = params / "pipeline.yaml"
+    tree = yaml.safe_load(pipeline_yaml.read_text())
+    tree["pipeline"]["variants"]["emae"]["model"]["num_parts"] = 9
+    pipeline_yaml.write_text(yaml.safe_dump(tree))
+    result = snakemake(tmp_path, "--cores", "1", "--config", f"params={params}")
+    assert result.returncode != 0
+    err = result.stdout + result.stderr
+    assert f"{pipeline_yaml}: pipeline.variants.emae" in err and "model.num_parts=9" in err
+    assert "K must be in 1..4" in err
+    assert not any((tmp_path / d).exists() for d in ("data", "runs", "results", "logs"))
+
+
+def test_bad_snakemake_config_key_is_rejected(tmp_path: Path) -> None:
+    result = snakemake(tmp_path, "-n", "--cores", "1", "--config", f"params={PARAMS}", "presett=cifar10")
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "presett" in out and "Additional properties" in out
+
+
+def test_unknown_preset_names_the_available_ones(tmp_path: Path) -> None:
+    result = snakemake(tmp_path, "-n", "--cores", "1", "--config", f"params={PARAMS}", "preset=imagenet")
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "preset 'imagenet' not found" in out and "imagenet_vit_b16" in out
+
+
+def test_committed_dvc_yaml_is_current() -> None:
+    result = run_cli("dvc-yaml", "--check", check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_dvc_yaml_check_detects_drift(tmp_path: Path) -> None:
+    stale = tmp_path / "dvc.yaml"
+    stale.write_text((REPO / "dvc.yaml").read_text().replace("pretrain-emae-seed0", "pretrain-old"))
+    result = run_cli("dvc-yaml", "--check", "-o", str(stale), check=False)
+    assert result.returncode == 2 and "out of date" in result.stderr and "emae dvc-yaml" in result.stderr
+
+
+def test_snakemake_and_dvc_agree_job_for_job(tmp_path: Path) -> None:
+    """Same jobs (names), same commands, same inputs and outputs in the Snakefile's DAG (a dry-run
+    of the real snakemake) and in the committed dvc.yaml; DVC params keys exist in their files."""
+    from emae.workflow.stages import Pipeline
+
+    result = snakemake(tmp_path, "-n", "-p", "--cores", "1", "--config", f"params={PARAMS}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    snake = dry_run_jobs(result.stdout)
+
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    pipeline = Pipeline(PARAMS)
+    assert len(dvc) == len(snake) == len(pipeline.jobs())
+    for name, stage in dvc.items():
+        key = STAGE_CMD.search(stage["cmd"]).groups()
+        assert key in snake, (name, key)
+        job = next(j for j in pipeline.jobs() if j.name == name)
+        assert (job.stage, job.run.variant if job.run else None,
+                str(job.run.seed) if job.run else None) == key
+        outs = {}
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                path, flags = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
+                outs[path] = flags
+        # Snakemake declares every output DVC keeps except the persistent resume state
+        assert snake[key]["outs"] == {p for p, f in outs.items() if not f.get("persist")}, name
+        if job.stage == "pretrain":
+            assert {p for p, f in outs.items() if f.get("persist")} >= {f"{job.run.run_dir}/checkpoints"}
+        data_deps = {d for d in stage.get("deps", []) if not d.startswith("emae/")}
+        assert snake[key]["deps"] == data_deps, name
+        for entry in stage.get("params", []):
+            (file, keys), = entry.items()
+            tree = yaml.safe_load((REPO / file).read_text())
+            for dotted in keys:
+                node = tree
+                for part in dotted.split("."):
+                    node = node[part]  # KeyError: DVC would report the param missing
+        assert sorted(k for e in stage.get("params", []) for k in next(iter(e.values()))) == sorted(job.params)
+
+
+def test_stage_print_builds_the_run_command() -> None:
+    out = run_cli("stage", "pretrain", "--variant", "mae", "--seed", "0", "--print",
+                  "pretrain.epochs=3", "--launcher", "kind=local").stdout
+    assert out.startswith("emae launch --stage pretrain kind=local -- pretrain -p params -o runs/mae/seed0 ")
+    overrides = out.split(" -o runs/mae/seed0 ")[1].split()
+    # the variant's params, then its seed, then the user's (last wins)
+    assert overrides.index("model.num_parts=1") < overrides.index("pretrain.seed=0") < overrides.index("pretrain.epochs=3")
+    assert "model.consistency_weight=0.0" in overrides
+    bad = run_cli("stage", "pretrain", "--variant", "nope", "--seed", "0", "--print", check=False)
+    assert bad.returncode == 2 and "no run nope/seed0" in bad.stderr and "mae/seed0" in bad.stderr
+
+
+def test_install_profile_and_run_by_name(tmp_path: Path) -> None:
+    """`emae install-profile` puts the profile where `--profile slurm` finds it; the jobs then go
+    to SLURM through the launcher with the partition/account, also next to --config preset=..."""
+    xdg = tmp_path / "xdg"
+    env = cli_env() | {"XDG_CONFIG_HOME": str(xdg)}
+    subprocess.run([sys.executable, "-m", "emae.cli", "install-profile", "--partition", "gpu-p",
+                    "--account", "acct1"], env=env, check=True, capture_output=True)
+    installed = xdg / "snakemake" / "slurm"
+    settings = yaml.safe_load((installed / "emae-slurm.yaml").read_text())
+    assert settings["launcher"]["resources"]["partition"] == "gpu-p"
+    again = subprocess.run([sys.executable, "-m", "emae.cli", "install-profile", "--partition", "x"],
+                           env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and "--force" in again.stderr
+
+    work = tmp_path / "work"
+    work.mkdir()
+    result = snakemake(work, "-n", "-p", "--profile", "slurm", "--config", f"params={PARAMS}",
+                       "preset=cifar10", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pretrain = [line for line in result.stdout.splitlines() if "emae.cli stage pretrain" in line]
+    assert pretrain and all(s in pretrain[0] for s in (
+        "--launcher kind=slurm", "--launcher resources.partition=gpu-p", "--launcher resources.account=acct1",
+        "--launcher stages.pretrain.gpus_per_node=1", "--preset cifar10"))
+    assert "stages.knn." not in pretrain[0]  # only the stage's own resources
+    # the template in place (path form)
+    result = snakemake(work, "-n", "-p", "--profile", str(REPO / "workflow/profiles/slurm"),
+                       "--config", f"params={PARAMS}")
+    assert result.returncode == 0 and "--launcher kind=slurm" in result.stdout

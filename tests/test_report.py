@@ -1,0 +1,121 @@
+"""`emae report`: tables (mean +- std over seeds) and plots from the stage outputs' contract files
+(metrics.json, log.jsonl, visualize PNGs), written here for 2 variants x 2 seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import PARAMS, run_cli
+
+RNG = np.random.default_rng(0)
+
+
+def _write_params(root: Path, seeds: list[int], **stages: bool) -> Path:
+    params = root / "params"
+    shutil.copytree(PARAMS, params)
+    tree = yaml.safe_load((params / "pipeline.yaml").read_text())
+    tree["pipeline"]["seeds"] = seeds
+    tree["pipeline"]["stages"].update(stages)
+    (params / "pipeline.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    return params
+
+
+def _write_run(root: Path, variant: str, seed: int, k: int, epochs: int = 4, finetune: bool = True) -> dict:
+    """Stage outputs of one run, as the commands write them; returns the numbers written."""
+    run_dir = root / "runs" / variant / f"seed{seed}"
+    run_dir.mkdir(parents=True)
+    numbers = {"pretrain_seconds": float(RNG.uniform(10, 20)), "knn_top1": float(RNG.uniform(40, 90)),
+               "linprobe_top1": float(RNG.uniform(40, 90)), "finetune_top1": float(RNG.uniform(40, 90)),
+               "consistency": float(RNG.uniform(0, 0.1)), "final_loss": float(RNG.uniform(0.5, 1))}
+    lines = []
+    for epoch in range(1, epochs + 1):
+        line = {"epoch": epoch, "step": epoch * 10, "loss": 1.0 / epoch, "recon_loss": 0.9 / epoch,
+                "consistency_loss": 0.1 / epoch, "pretrain_seconds": numbers["pretrain_seconds"] * epoch / epochs}
+        if epoch % 2 == 0:  # the kNN monitor every 2 epochs
+            line |= {"knn_top1": 10.0 * epoch, "knn_top5": 20.0 * epoch}
+        lines.append(json.dumps(line))
+    (run_dir / "log.jsonl").write_text("\n".join(lines) + "\n")
+    (run_dir / "metrics.json").write_text(json.dumps({
+        "epochs": epochs, "steps": epochs * 10, "pretrain_seconds": numbers["pretrain_seconds"],
+        "final_loss": numbers["final_loss"], "num_parts": k, "mask_ratio": 0.75,
+        "consistency_weight": 0.0 if k == 1 else 1.0, "knn_top1": 40.0}))
+    results = root / "results" / variant / f"seed{seed}"
+    for stage in ("knn", "linprobe", *(["finetune"] if finetune else [])):
+        (results / stage).mkdir(parents=True)
+        top1 = numbers[f"{stage}_top1"]
+        (results / stage / "metrics.json").write_text(json.dumps({"top1": top1, "top5": min(100, top1 + 5)}))
+    (results / "consistency").mkdir(parents=True)
+    (results / "consistency" / "metrics.json").write_text(json.dumps({"consistency": numbers["consistency"]}))
+    (results / "visualize").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (k * 40, 0, 0)).save(results / "visualize" / "reconstructions.png")
+    return numbers
+
+
+def test_summary_mean_std_over_seeds_and_plots(tmp_path: Path) -> None:
+    params = _write_params(tmp_path, seeds=[0, 1])
+    written = {(v, s): _write_run(tmp_path, v, s, k) for v, k in (("mae", 1), ("emae", 4)) for s in (0, 1)}
+    result = run_cli("report", "-p", str(params), "-o", "results/report", cwd=tmp_path)
+    out = tmp_path / "results" / "report"
+
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["variant"]) == ["mae", "emae"]  # pipeline order
+    for col in ("variant", "K", "mask_ratio", "consistency_weight", "epochs", "pretrain_seconds",
+                "knn_top1", "linprobe_top1", "finetune_top1", "consistency"):
+        assert col in summary.columns
+    for _, row in summary.iterrows():
+        assert row["K"] == (1 if row["variant"] == "mae" else 4) and row["seeds"] == 2
+        for key in ("knn_top1", "linprobe_top1", "finetune_top1", "consistency", "pretrain_seconds"):
+            values = [written[(row["variant"], s)][key] for s in (0, 1)]
+            assert row[key] == pytest.approx(np.mean(values))
+            assert row[f"{key}_std"] == pytest.approx(np.std(values, ddof=1))
+    assert len(pd.read_csv(out / "runs.csv")) == 4
+
+    markdown = (out / "summary.md").read_text()
+    assert markdown == result.stdout  # also printed
+    mae_knn = [written[("mae", s)]["knn_top1"] for s in (0, 1)]
+    assert f"{np.mean(mae_knn):.2f} ± {np.std(mae_knn, ddof=1):.2f}" in markdown
+
+    for name in ("loss_curves.png", "accuracy_vs_time.png", "accuracy_vs_epochs.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.width > 300
+    knn_curve = pd.read_csv(out / "curves" / "emae-seed1-knn.csv")
+    assert list(knn_curve["epoch"]) == [2, 4] and list(knn_curve["knn_top1"]) == [20.0, 40.0]
+    assert len(pd.read_csv(out / "curves" / "mae-seed0.csv")) == 4
+    assert sorted(p.name for p in (out / "reconstructions").iterdir()) == [
+        f"{v}-seed{s}-reconstructions.png" for v in ("emae", "mae") for s in (0, 1)]
+
+
+def test_stage_switched_off_is_a_dash_and_needs_no_file(tmp_path: Path) -> None:
+    params = _write_params(tmp_path, seeds=[3], finetune=False)
+    for v, k in (("mae", 1), ("emae", 4)):
+        _write_run(tmp_path, v, 3, k, finetune=False)
+    run_cli("report", "-p", str(params), "-o", "out", cwd=tmp_path)
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert summary["finetune_top1"].isna().all() and summary["knn_top1"].notna().all()
+    assert summary["knn_top1_std"].isna().all()  # one seed: no spread
+    row = (tmp_path / "out" / "summary.md").read_text().splitlines()[2].split(" | ")
+    assert row[-2] == "-" and "±" not in row[-4]
+
+
+def test_missing_metrics_name_the_file(tmp_path: Path) -> None:
+    params = _write_params(tmp_path, seeds=[0])
+    for v, k in (("mae", 1), ("emae", 4)):
+        _write_run(tmp_path, v, 0, k)
+    missing = tmp_path / "results" / "emae" / "seed0" / "linprobe" / "metrics.json"
+    missing.unlink()
+    result = run_cli("report", "-p", str(params), "-o", "out", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "results/emae/seed0/linprobe/metrics.json: missing" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out" / "summary.csv").exists()
+    missing.parent.mkdir(exist_ok=True)
+    missing.write_text(json.dumps({"top5": 90.0}))
+    result = run_cli("report", "-p", str(params), "-o", "out", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "has no 'top1'" in result.stderr and "top5" in result.stderr
