@@ -365,3 +365,68 @@ def test_sigkill_mid_trial_then_rerun_keeps_completed_and_retries_the_killed(
     complete = [t for t in after.values() if t.state == TrialState.COMPLETE]
     assert len(complete) == 2 and len(after) == 3  # the cap: 2 slots, the failed one handed over
     assert (out / "plots" / "heatmap.png").exists() and len(pd.read_csv(out / "trials.csv")) == 3
+
+
+# ------------------------------------------------------------------- objective and results
+
+
+def _sweep_here(small_digits: Path, out: Path, *extra: str) -> tuple[Sweep, optuna.Study]:
+    sweep = Sweep(load_config([PARAMS], overrides(small_digits, *extra)), out)
+    study, _ = sweep.create_study(sweep.open_storage())
+    return sweep, study
+
+
+def test_pruned_after_the_first_reported_epoch(small_digits: Path, tmp_path: Path) -> None:
+    from emae.sweep.objective import run_trial
+
+    sweep, study = _sweep_here(small_digits, tmp_path, "sweep.pruner=median", "sweep.median_pruner.n_startup_trials=1",
+                               "sweep.median_pruner.n_warmup_steps=0", "sweep.budget.epochs=3")
+    # an earlier trial far better at every epoch: the median pruner stops ours after epoch 1
+    study.add_trial(optuna.trial.create_trial(
+        params={"mask_ratio": 0.75, "num_parts": 1}, value=100.0, intermediate_values={1: 100.0, 2: 100.0},
+        distributions={"mask_ratio": optuna.distributions.CategoricalDistribution([0.5, 0.75]),
+                       "num_parts": optuna.distributions.CategoricalDistribution([1, 2, 4])}))
+    trial = sweep.next_trial(study, "here")
+    with pytest.raises(optuna.TrialPruned):
+        run_trial(trial, tmp_path, sweep.base, sweep.settings, sweep.space)
+    folder = tmp_path / "trials" / str(trial.number)
+    assert len((folder / "log.jsonl").read_text().splitlines()) == 1  # stopped after epoch 1 of 3
+    assert (folder / "checkpoints" / "last.pt").exists() and not (folder / "metrics.json").exists()
+    assert study.trials[trial.number].user_attrs["pruned_at_epoch"] == 1
+
+
+def test_time_budget_stops_at_the_first_knn_epoch_past_it(small_digits: Path, tmp_path: Path) -> None:
+    from emae.sweep.objective import run_trial
+
+    sweep, study = _sweep_here(small_digits, tmp_path, "sweep.budget.epochs=3", "sweep.budget.seconds=0.01",
+                               "sweep.prune_every_epochs=2")
+    trial = sweep.next_trial(study, "here")
+    value = run_trial(trial, tmp_path, sweep.base, sweep.settings, sweep.space)
+    attrs = study.trials[trial.number].user_attrs
+    assert attrs["budget_stopped"] is True and attrs["epochs"] == 2  # epoch 1 had no kNN value
+    assert value == attrs["knn_top1"] and 0 <= value <= 100
+
+
+def test_multi_objective_results_keep_the_pareto_front(small_digits: Path, tmp_path: Path) -> None:
+    """Results of a two-objective study (values told by hand: no pre-training needed here)."""
+    from emae.sweep.results import write_results
+
+    sweep, study = _sweep_here(small_digits, tmp_path, "sweep.multi_objective=true", "sweep.sampler=random",
+                               "sweep.n_trials=6", *grid([0.5, 0.75], [1, 2]))
+    told = {}
+    for accuracy, seconds in [(50.0, 10.0), (60.0, 20.0), (55.0, 30.0), (40.0, 5.0), (60.0, 25.0), (30.0, 50.0)]:
+        trial = sweep.next_trial(study, "here")
+        sweep.space.suggest(trial)
+        study.tell(trial, (accuracy, seconds))
+        told[trial.number] = (accuracy, seconds)
+    summary = write_results(sweep, study)
+    front = {n for n, (a, s) in told.items()
+             if not any(a2 >= a and s2 <= s and (a2, s2) != (a, s) for a2, s2 in told.values())}
+    table = pd.read_csv(tmp_path / "trials.csv")
+    assert set(table.loc[table["pareto"], "number"]) == front == {0, 1, 3}
+    assert summary["best_trial"] == 1 and summary["best_values"] == [60.0, 20.0]  # most accurate on the front
+    best = study.trials[1].params
+    assert yaml.safe_load((tmp_path / "best.yaml").read_text()) == {
+        "model": {"mask_ratio": best["mask_ratio"], "num_parts": best["num_parts"]}}
+    for name in ("heatmap", "history", "pareto"):
+        assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
