@@ -92,24 +92,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tell(study: optuna.Study, trial: optuna.Trial, values: Any = None, state: TrialState | None = None) -> bool:
+    """`study.tell`, unless someone finished the trial meanwhile (it was taken for dead: a stale
+    heartbeat); then its retry carries on and this result is dropped."""
+    try:
+        study.tell(trial, values, state=state)
+        return True
+    except (ValueError, RuntimeError) as err:
+        log.warning("trial %d was finished by someone else (%s); its retry stands", trial.number, err)
+        return False
+
+
 def _run_one(study: optuna.Study, trial: optuna.Trial, sweep: Sweep) -> None:
     log.info("trial %d starts", trial.number)
     try:
         values = run_trial(trial, sweep.out, sweep.base, sweep.settings, sweep.space)
     except optuna.TrialPruned as pruned:
-        study.tell(trial, state=TrialState.PRUNED)
-        log.info("trial %d pruned: %s", trial.number, pruned)
+        if _tell(study, trial, state=TrialState.PRUNED):
+            log.info("trial %d pruned: %s", trial.number, pruned)
     except Exception as err:  # noqa: BLE001 - a failing point must not stop the sweep
         # a trial that raises fails the same way again: recorded, not retried
-        trial.set_user_attr("failure", f"{type(err).__name__}: {err}"[:2000])
-        trial.set_user_attr("retried", False)
-        study.tell(trial, state=TrialState.FAIL)
         log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
+        try:
+            trial.set_user_attr("failure", f"{type(err).__name__}: {err}"[:2000])
+            trial.set_user_attr("retried", False)
+        except RuntimeError:
+            pass  # finished meanwhile (see _tell)
+        _tell(study, trial, state=TrialState.FAIL)
         if not isinstance(err, (EmaeError, RuntimeError, ValueError, ArithmeticError)):
             raise  # a bug (TypeError, KeyError, ...): stop this worker, do not burn the study
     else:
-        study.tell(trial, values)
-        log.info("trial %d complete: %s", trial.number, values)
+        if _tell(study, trial, values):
+            log.info("trial %d complete: %s", trial.number, values)
 
 
 def _stopped(study: optuna.Study, trial: optuna.Trial, sweep: Sweep, signum: int) -> None:
