@@ -91,10 +91,10 @@ class FinetuneConfig(Section):
     @model_validator(mode="after")
     def _even_batch(self) -> "FinetuneConfig":
         if self.mixing and self.batch_size % 2:
-            raise ValueError(f"batch_size={self.batch_size} must be even when mixup or cutmix is on "
+            raise ValueError(f"finetune.batch_size={self.batch_size} must be even when mixup or cutmix is on "
                              "(timm's Mixup pairs each image with its mirror in the batch)")
         if self.rand_augment is not None and not self.rand_augment.startswith("rand"):
-            raise ValueError(f"rand_augment={self.rand_augment!r}: expected a timm RandAugment "
+            raise ValueError(f"finetune.rand_augment={self.rand_augment!r}: expected a timm RandAugment "
                              "string such as 'rand-m9-mstd0.5-inc1', or null")
         return self
 
