@@ -21,8 +21,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 TINY_OVERRIDES = [
     "data.image_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2",
     "model.num_heads=2", "model.decoder_embed_dim=32", "model.decoder_depth=1",
-    "model.decoder_num_heads=2", "pretrain.batch_size=32", "pretrain.epochs=2",
-    "pretrain.warmup_epochs=1", "pretrain.log_every_steps=1", "pretrain.checkpoint_every_steps=5",
+    "model.decoder_num_heads=2", "pretrain.batch_size=64", "pretrain.epochs=2",
+    "pretrain.warmup_epochs=1", "pretrain.log_every_steps=1", "pretrain.checkpoint_every_steps=4",
 ]
 
 

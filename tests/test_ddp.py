@@ -58,10 +58,10 @@ def test_pretrain_under_torchrun_with_two_processes(tmp_path: Path, tiny_overrid
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
            str(_free_port()), "-m", "emae.cli", "pretrain", *[a for f in CORE_PARAMS for a in ("-p", str(f))], "-o", str(out),
-           *tiny_overrides, "pretrain.epochs=1", "pretrain.batch_size=16"]
+           *tiny_overrides, "pretrain.epochs=1", "pretrain.batch_size=32"]
     result = subprocess.run(cmd, cwd=REPO, env=cli_env() | {"OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["effective_batch_size"] == 32
-    assert metrics["steps"] == -(-1437 // 2) // 16
+    assert metrics["world_size"] == 2 and metrics["effective_batch_size"] == 64
+    assert metrics["steps"] == -(-1437 // 2) // 32
