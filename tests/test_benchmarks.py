@@ -1,0 +1,129 @@
+"""The benchmarks run (smoke sizes) and count what they claim; timings themselves are not tested."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import REPO, cli_env
+
+BENCH = REPO / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # gpu_step imports step_throughput by name
+    spec.loader.exec_module(module)
+    return module
+
+
+st = _load("step_throughput")
+HAVE_HF = importlib.util.find_spec("transformers") is not None
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=REPO, env=cli_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _forward_counted(model: torch.nn.Module, call) -> int:
+    # the math attention backend: its matmuls are counted (the fused CPU kernel is not)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        call(model)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("num_parts", [1, 4])
+def test_analytic_flops_match_torch_flop_counter(num_parts: int) -> None:
+    d = st.SMOKE_DIMS
+    model = st.build_emae(d, num_parts, 1.0).eval()
+    imgs = torch.randn(d.batch_size, 3, d.img_size, d.img_size)
+    counted = _forward_counted(model, lambda m: m(imgs, generator=torch.Generator().manual_seed(0)))
+    assert counted == pytest.approx(st.forward_flops(d, num_parts) * d.batch_size, rel=1e-9)
+
+
+@pytest.mark.skipif(not HAVE_HF, reason="transformers (the bench extra) is not installed")
+def test_hf_vitmae_has_our_dimensions() -> None:
+    d = st.SMOKE_DIMS
+    hf = st.build_hf_vitmae(d).eval()
+    ours = st.build_emae(d, 1, 0.0)
+    imgs = torch.randn(d.batch_size, 3, d.img_size, d.img_size)
+    assert hf.config._attn_implementation == "sdpa"
+    assert hf.config.mask_ratio == d.mask_ratio and hf.config.norm_pix_loss
+    # the same work per image: the same matmul FLOPs and the same parameter count
+    hf_flops = _forward_counted(hf, lambda m: m(pixel_values=imgs))
+    assert hf_flops == pytest.approx(st.forward_flops(d, 1) * d.batch_size, rel=1e-9)
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert count(hf) == count(ours)
+
+
+def test_hf_missing_is_reported_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as if not installed
+    with pytest.raises(SystemExit, match=r"pip install -e '\.\[bench\]'"):
+        st.build_hf_vitmae(st.SMOKE_DIMS)
+
+
+def test_naive_parts_compute_the_batched_loss() -> None:
+    d = st.SMOKE_DIMS
+    model = st.build_emae(d, 4, 1.0)
+    imgs = torch.randn(d.batch_size, 3, d.img_size, d.img_size)
+    batched = model(imgs, generator=torch.Generator().manual_seed(3)).loss
+    naive = st.NaiveParts(model)(imgs, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(batched, naive, rtol=1e-5, atol=1e-6)
+
+
+def test_step_throughput_smoke_writes_its_json(tmp_path: Path) -> None:
+    variants = "mae,emae_k2,emae_k4,naive_k4" + (",hf_vitmae" if HAVE_HF else "")
+    _run("step_throughput.py", "--smoke", "--variants", variants, "--out", str(tmp_path))
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    assert set(data["variants"]) == set(variants.split(","))
+    for name, res in data["variants"].items():
+        for key in ("images_per_s", "masked_patches_per_s", "flops_per_s", "fraction_of_matmul_peak",
+                    "peak_memory_mb", "step_seconds"):
+            assert key in res, (name, key)
+        assert res["images_per_s"] > 0
+        assert res["masked_patches_per_s"] == pytest.approx(
+            res["images_per_s"] * res["num_parts"] * 12)  # 16 patches, 4 visible per view
+    assert data["matmul_peak"]["flops_per_s"] > 0
+    assert len(data["load_average"]["before"]) == 3
+    assert {"emae_k4_vs_mae_masked_patches_per_s", "emae_k4_vs_naive_k4_masked_patches_per_s"} <= set(data["targets"])
+    if HAVE_HF:
+        assert "mae_vs_hf_images_per_s" in data["targets"]
+
+
+def test_step_throughput_rejects_unknown_variant(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        st.parse_args(["--smoke", "--variants", "mae,vit_huge"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "vit_huge" in err and "allowed: mae" in err
+
+
+def test_gpu_step_smoke_runs_on_cpu(tmp_path: Path) -> None:
+    _run("gpu_step.py", "--smoke", "--no-compile", "--only", "mae,emae_k4,vitl_emae_k4_ckpt",
+         "--out", str(tmp_path))
+    data = json.loads((tmp_path / "gpu-smoke.json").read_text())
+    assert set(data["cases"]) == {"mae", "emae_k4", "vitl_emae_k4_ckpt"}
+    assert data["cases"]["vitl_emae_k4_ckpt"]["grad_checkpointing"] is True
+    assert data["ratios"]["emae_k4_vs_mae_masked_patches_per_s"] > 0
+
+
+def test_data_loading_smoke(tmp_path: Path) -> None:
+    _run("data_loading.py", "--smoke", "--out", str(tmp_path), "--gpu-images-per-s", "1000")
+    data = json.loads((tmp_path / "data-loading-smoke.json").read_text())
+    entry = data["sizes"]["64x48"]
+    assert entry["per_worker_images_per_s"] > 0
+    assert entry["loader"]["workers_1"]["images_per_s"] > 0
+    assert data["workers_needed"]["given:1000.0"]["64x48"] == pytest.approx(
+        1000 / entry["per_worker_images_per_s"])
