@@ -169,6 +169,20 @@ def test_storage_that_cannot_be_opened(small_digits: Path, tmp_path: Path) -> No
         sweep.open_storage()
 
 
+def test_rdb_storage_by_url(small_digits: Path, tmp_path: Path) -> None:
+    """Any Optuna RDB URL (SQLite here, PostgreSQL alike): the same study, reopened and continued."""
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    sweep = Sweep(load_config([PARAMS], overrides(small_digits, f"sweep.storage={url}",
+                                                  *grid([0.5, 0.75], [1, 2]))), tmp_path / "out")
+    study, new = sweep.create_study(sweep.open_storage())
+    trial = sweep.next_trial(study, "here")
+    study.tell(trial, float(sweep.space.suggest(trial)["model.num_parts"]))
+    again, new_again = sweep.create_study(sweep.open_storage())
+    assert new and not new_again and (tmp_path / "optuna.db").exists()
+    assert [t.state for t in again.trials].count(TrialState.COMPLETE) == 1 and sweep.remaining(again) == 3
+    assert not (tmp_path / "out" / "study.journal").exists()
+
+
 def test_existing_study_with_another_space_is_refused(small_digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "study"
     first = Sweep(load_config([PARAMS], overrides(small_digits, *grid([0.5, 0.75], [1, 2]))), out)
@@ -430,3 +444,19 @@ def test_multi_objective_results_keep_the_pareto_front(small_digits: Path, tmp_p
         "model": {"mask_ratio": best["mask_ratio"], "num_parts": best["num_parts"]}}
     for name in ("heatmap", "history", "pareto"):
         assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.skipif(shutil.which("snakemake") is None, reason="snakemake is not installed")
+def test_snakemake_sweep_target_runs_emae_sweep_through_the_launcher(small_digits: Path, tmp_path: Path) -> None:
+    """`snakemake sweep` (dry run): one sweep job, `emae launch --stage sweep -- sweep -o ...`."""
+    extra = " ".join(overrides(small_digits, *[g.replace(" ", "") for g in grid([0.75], [1, 2])]))
+    result = subprocess.run(
+        ["snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "1", "-n", "-p",
+         "sweep", "--config", f"params={PARAMS}", f"overrides={extra}"],
+        capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = result.stdout + result.stderr
+    assert "rule sweep_study:" in text and "wildcards: study=k_mask_ratio" in text
+    assert "emae.cli launch --stage sweep -- sweep -p" in text
+    assert "-o results/sweeps/k_mask_ratio" in text
+    assert "pretrain" not in [line.split()[0] for line in text.splitlines() if line.startswith("rule ")]

@@ -59,6 +59,7 @@ def open_storage(url: str, out: Path, workers: int = 1) -> BaseStorage:
 @contextlib.contextmanager
 def study_lock(out: Path) -> Iterator[None]:
     """A cross-process (NFS-safe) lock beside the results; a dead holder's lock expires in 30 s."""
+    out.mkdir(parents=True, exist_ok=True)
     lock = JournalFileOpenLock(str(out / LOCK))
     lock.acquire()
     try:
