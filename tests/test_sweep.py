@@ -343,6 +343,7 @@ def test_sigkill_mid_trial_then_rerun_keeps_completed_and_retries_the_killed(
         log_path, ckpt = second / "log.jsonl", second / "checkpoints" / "last.pt"
         try:
             return ((out / "trials" / "0" / "metrics.json").exists() and not (second / "metrics.json").exists()
+                    and len(log_path.read_text().splitlines()) == 1
                     and ckpt.stat().st_mtime >= log_path.stat().st_mtime)
         except FileNotFoundError:
             return False

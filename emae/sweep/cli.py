@@ -97,9 +97,13 @@ def run_workers(sweep: Sweep, study: Any) -> int:
                 codes = _local_round(sweep, n, bar)
             else:
                 codes = _submitit_round(sweep, n, bar)
-            interrupted = [c for c in codes if c is not None and c > 128]
+            codes = [128 - c if c is not None and c < 0 else c for c in codes]  # -N: killed by N
             if _STOP.signum is not None:
                 return 128 + _STOP.signum
+            interrupted = [c for c in codes if c is not None and c > 128]
+            if any(c not in (0, None) for c in codes):
+                print(f"emae sweep: warning: worker exit codes {codes}; their trials are retried. "
+                      f"Logs: {sweep.out / WORKERS_DIR}", file=sys.stderr, flush=True)
             if progress(study.get_trials(deepcopy=False)).finished == before:
                 stalled += 1
                 if stalled >= 2 or interrupted or all(c not in (0, None) for c in codes):

@@ -99,6 +99,13 @@ def run_trial(trial: optuna.Trial, out: Path, base: dict[str, Any], sweep: Sweep
         metrics = {"knn_top1": history[-1].get("knn_top1"), "knn_top5": history[-1].get("knn_top5"),
                    "pretrain_seconds": history[-1]["pretrain_seconds"], "epochs": history[-1]["epoch"],
                    "final_loss": history[-1]["loss"]}
+    if metrics.get("knn_top1") is None and any("knn_top1" in h for h in history):
+        # killed after the last checkpoint but before metrics.json: resuming only exports, so the
+        # last epoch's kNN comes from its log line (replayed into `history`)
+        last = [h for h in history if "knn_top1" in h][-1]
+        metrics |= {"knn_top1": last["knn_top1"], "knn_top5": last.get("knn_top5")}
+    if sweep.objective == "knn" and metrics.get("knn_top1") is None:
+        raise RuntimeError(f"trial {trial.number}: pre-training gave no kNN value ({folder})")
     for key in ("knn_top1", "knn_top5", "pretrain_seconds", "final_loss", "epochs"):
         if metrics.get(key) is not None:
             trial.set_user_attr(key, metrics[key])
