@@ -40,12 +40,7 @@ def stage_command(job: StageJob, preset: str | None) -> str:
 
 
 def _out_entry(out: Out) -> str | dict[str, dict[str, Any]]:
-    flags: dict[str, Any] = {}
-    if out.persist:
-        flags["persist"] = True
-    if not out.cache:
-        flags["cache"] = False
-    return {out.path: flags} if flags else out.path
+    return {out.path: {"persist": True}} if out.persist else out.path
 
 
 def dvc_stage(pipeline: Pipeline, job: StageJob) -> dict[str, Any]:

@@ -94,12 +94,14 @@ class Out:
     persist: DVC must not delete it before rerunning the stage (resume state: checkpoints and the
     logs that go with them). Snakemake deletes a job's declared outputs before running it, so
     persistent outputs are not declared to Snakemake at all (`StageJob.snakemake_outs`).
+
+    Every output goes to DVC's cache: runs/ and results/ are git-ignored, so experiments
+    (`dvc exp show`) and remotes (`dvc push`) reach metrics and checkpoints through it.
     """
 
     path: str
     kind: Literal["out", "metrics", "plots"] = "out"
     persist: bool = False
-    cache: bool = True
     directory: bool = False
 
 
@@ -286,13 +288,13 @@ class Pipeline:
             stage, run, ["pretrain", *self._common_argv(), "-o", d, *self.run_overrides(run)],
             deps=self._data_deps(),
             outs=[Out(f"{d}/encoder.safetensors"),
-                  Out(f"{d}/metrics.json", kind="metrics", cache=False),
-                  Out(f"{d}/config.yaml", cache=False),
+                  Out(f"{d}/metrics.json", kind="metrics"),
+                  Out(f"{d}/config.yaml"),
                   # resume state: kept across reruns (pretrain truncates the logs to the checkpoint)
                   Out(f"{d}/checkpoints", persist=True, directory=True),
-                  Out(f"{d}/log.jsonl", persist=True, cache=False),
-                  Out(f"{d}/steps.jsonl", persist=True, cache=False),
-                  Out(f"{d}/tb", persist=True, cache=False, directory=True)],
+                  Out(f"{d}/log.jsonl", persist=True),
+                  Out(f"{d}/steps.jsonl", persist=True),
+                  Out(f"{d}/tb", persist=True, directory=True)],
             params=["data", "model", "pretrain", *self._variant_params(run)], code=CODE["pretrain"])
 
     def _job_eval(self, stage: str, run: Run) -> StageJob:
@@ -300,7 +302,7 @@ class Pipeline:
                       else f"{run.run_dir}/checkpoints/last.pt")
         out = run.result_dir(stage)
         outs = ([Out(out, directory=True)] if stage == "visualize"
-                else [Out(f"{out}/metrics.json", kind="metrics", cache=False)])
+                else [Out(f"{out}/metrics.json", kind="metrics")])
         params = ["data", *([stage] if stage in self.config.extra else []), *self._variant_params(run)]
         return StageJob(
             stage, run, [stage, "--checkpoint", checkpoint, *self._common_argv(), "-o", out,
@@ -318,12 +320,12 @@ class Pipeline:
                 if self.stage_enabled(s):
                     deps.append(r.result_dir(s) if s == "visualize" else f"{r.result_dir(s)}/metrics.json")
         d = REPORT_DIR
-        outs = [Out(f"{d}/{SUMMARY_CSV}", cache=False), Out(f"{d}/{SUMMARY_MD}", cache=False),
-                Out(f"{d}/{RUNS_CSV}", cache=False),
-                *[Out(f"{d}/{name}", kind="plots", cache=False) for name in PLOTS.values()],
-                Out(f"{d}/{CURVES_DIR}", cache=False, directory=True)]
+        outs = [Out(f"{d}/{SUMMARY_CSV}"), Out(f"{d}/{SUMMARY_MD}"),
+                Out(f"{d}/{RUNS_CSV}"),
+                *[Out(f"{d}/{name}", kind="plots") for name in PLOTS.values()],
+                Out(f"{d}/{CURVES_DIR}", directory=True)]
         if self.stage_enabled("visualize"):
-            outs.append(Out(f"{d}/{RECONSTRUCTIONS_DIR}", cache=False, directory=True))
+            outs.append(Out(f"{d}/{RECONSTRUCTIONS_DIR}", directory=True))
         return StageJob(stage, None, ["report", *self._common_argv(), "-o", d, *self.overrides],
                         deps=deps, outs=outs, params=["pipeline.report"], code=CODE["report"])
 
