@@ -447,6 +447,7 @@ def test_multi_objective_results_keep_the_pareto_front(small_digits: Path, tmp_p
         assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("snakemake") is None, reason="snakemake is not installed")
 def test_snakemake_sweep_target_runs_emae_sweep_through_the_launcher(small_digits: Path, tmp_path: Path) -> None:
     """`snakemake sweep` (dry run): one sweep job, `emae launch --stage sweep -- sweep -o ...`."""

@@ -19,7 +19,7 @@ FAST = ["launcher.poll_interval_s=0.3", "launcher.state_interval_s=0.5", "launch
 
 
 @pytest.mark.parametrize("backend", [
-    "submitit-local",
+    pytest.param("submitit-local", marks=pytest.mark.slow),
     pytest.param("slurm", marks=[pytest.mark.slurm, pytest.mark.skipif(not UP, reason=WHY)]),
 ])
 @pytest.mark.timeout(300)
