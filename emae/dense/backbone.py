@@ -99,12 +99,14 @@ class ViTDetBackbone(nn.Module):
     OrderedDict output ("0", "1", ..., "pool") are what torchvision's detectors expect."""
 
     def __init__(self, vit: VisionTransformer, window_size: int, global_blocks: list[int],
-                 scale_factors: list[float], out_channels: int, with_pool_level: bool = True) -> None:
+                 scale_factors: list[float], out_channels: int, with_pool_level: bool = True,
+                 section: str = "") -> None:
         super().__init__()
         depth = len(vit.blocks)
         bad = [i for i in global_blocks if not 0 <= i < depth]
-        if bad:
-            raise ConfigError(f"backbone.global_blocks {bad}: the encoder has blocks 0..{depth - 1}")
+        if window_size and bad:
+            raise ConfigError(f"{section}.backbone.global_blocks={global_blocks}: {bad} are not blocks "
+                              f"of the encoder (it has blocks 0..{depth - 1})")
         self.vit = vit
         self.patch_size = int(vit.patch_embed.patch_size[0])
         self.pretrain_grid = tuple(int(g) for g in vit.patch_embed.grid_size)
@@ -143,8 +145,9 @@ class ViTDetBackbone(nn.Module):
         return OrderedDict(zip(names, levels))
 
 
-def build_backbone(checkpoint: str | Path, cfg: Any, with_pool_level: bool = True) -> ViTDetBackbone:
-    """The adapter around an `emae pretrain` encoder export; `cfg` is a BackboneConfig."""
+def build_backbone(checkpoint: str | Path, cfg: Any, section: str,
+                   with_pool_level: bool = True) -> ViTDetBackbone:
+    """The adapter around an `emae pretrain` encoder export; `cfg` is `<section>.backbone`."""
     vit = load_encoder(checkpoint, drop_path_rate=cfg.drop_path)
     return ViTDetBackbone(vit, cfg.window_size, cfg.global_blocks, cfg.scale_factors,
-                          cfg.out_channels, with_pool_level)
+                          cfg.out_channels, with_pool_level, section)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from emae.config import Section
 
@@ -28,15 +28,15 @@ class DenseDataConfig(Section):
     max_overlap_tries: int = Field(gt=0, description="placements tried per object (no overlaps)")
     seed: int
 
-    @model_validator(mode="after")
-    def _sizes(self) -> "DenseDataConfig":
-        if self.min_objects > self.max_objects:
-            raise ValueError(f"min_objects={self.min_objects} > max_objects={self.max_objects}")
-        if self.min_digit_size > self.max_digit_size:
-            raise ValueError(f"min_digit_size={self.min_digit_size} > max_digit_size={self.max_digit_size}")
-        if self.max_digit_size > self.canvas_size:
-            raise ValueError(f"max_digit_size={self.max_digit_size} > canvas_size={self.canvas_size}")
-        return self
+    @field_validator("max_objects", "max_digit_size")
+    @classmethod
+    def _at_least_min(cls, value: int, info: ValidationInfo) -> int:
+        low = info.field_name.replace("max_", "min_")
+        if low in info.data and info.data[low] > value:
+            raise ValueError(f"must be >= {low} ({info.data[low]})")
+        if info.field_name == "max_digit_size" and value > info.data.get("canvas_size", value):
+            raise ValueError(f"must be <= canvas_size ({info.data['canvas_size']})")
+        return value
 
 
 class BackboneConfig(Section):
@@ -50,14 +50,15 @@ class BackboneConfig(Section):
     out_channels: int = Field(gt=0)
     layer_decay: float = Field(gt=0, le=1, description="lr scale decay per block from the top")
 
-    @model_validator(mode="after")
-    def _powers_of_two(self) -> "BackboneConfig":
-        bad = [s for s in self.scale_factors if s <= 0 or not math.log2(s).is_integer()]
+    @field_validator("scale_factors")
+    @classmethod
+    def _powers_of_two(cls, value: list[float]) -> list[float]:
+        bad = [s for s in value if s <= 0 or not math.log2(s).is_integer()]
         if bad:
-            raise ValueError(f"scale_factors {bad} are not powers of 2 (e.g. 4, 2, 1, 0.5)")
-        if sorted(self.scale_factors, reverse=True) != self.scale_factors:
-            raise ValueError("scale_factors must go from fine to coarse (decreasing)")
-        return self
+            raise ValueError(f"{bad} are not powers of 2 (e.g. 4, 2, 1, 0.5)")
+        if sorted(value, reverse=True) != value:
+            raise ValueError("must go from fine to coarse (decreasing)")
+        return value
 
 
 class DenseTrainConfig(Section):
@@ -86,13 +87,19 @@ class DenseTrainConfig(Section):
     log_every: int = Field(gt=0)
     seed: int
 
-    @model_validator(mode="after")
-    def _milestones(self) -> "DenseTrainConfig":
-        if any(not 0 < m < 1 for m in self.milestones):
-            raise ValueError(f"milestones {self.milestones} must be fractions in (0, 1)")
-        if self.warmup_iters >= self.iterations:
-            raise ValueError(f"warmup_iters={self.warmup_iters} must be < iterations={self.iterations}")
-        return self
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0 < m < 1 for m in value):
+            raise ValueError("must be fractions of the iterations, in (0, 1)")
+        return value
+
+    @field_validator("warmup_iters")
+    @classmethod
+    def _short_warmup(cls, value: int, info: ValidationInfo) -> int:
+        if value >= info.data.get("iterations", value + 1):
+            raise ValueError(f"must be < iterations ({info.data['iterations']})")
+        return value
 
 
 class DetectConfig(DenseTrainConfig):
@@ -116,13 +123,14 @@ class DetectConfig(DenseTrainConfig):
     box_score_thresh: float = Field(ge=0, lt=1)
     box_detections_per_img: int = Field(gt=0)
 
-    @model_validator(mode="after")
-    def _anchors(self) -> "DetectConfig":
-        levels = len(self.backbone.scale_factors) + 1
-        if len(self.anchor_sizes) != levels:
-            raise ValueError(f"anchor_sizes has {len(self.anchor_sizes)} entries; the pyramid has "
-                             f"{levels} levels (backbone.scale_factors + the pool level)")
-        return self
+    @field_validator("anchor_sizes")
+    @classmethod
+    def _one_per_level(cls, value: list[int], info: ValidationInfo) -> list[int]:
+        if "backbone" in info.data and len(value) != len(info.data["backbone"].scale_factors) + 1:
+            raise ValueError(f"has {len(value)} entries; the pyramid has "
+                             f"{len(info.data['backbone'].scale_factors) + 1} levels "
+                             "(one per backbone.scale_factors + the pool level)")
+        return value
 
 
 class SegmentConfig(DenseTrainConfig):
@@ -136,3 +144,10 @@ class SegmentConfig(DenseTrainConfig):
     scale_range: tuple[float, float] = Field(description="random resize of the short side, x crop_size")
     head_channels: int = Field(gt=0)
     pool_scales: list[int] = Field(min_length=1, description="pyramid pooling module bins")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_for_batchnorm(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError("must be >= 2 (the head's BatchNorm needs two images)")
+        return value

@@ -36,6 +36,7 @@ from emae.dense.data import CocoInstances, detection_collate
 from emae.dense.engine import fit
 from emae.errors import EmaeError
 from emae.io import atomic_write_text, write_json
+from emae.seeding import derive_seed, seed_everything
 from emae.train.common import add_config_arguments, config_from_args, default_device
 
 log = logging.getLogger("emae.detect")
@@ -101,7 +102,8 @@ def detect(config: Config, encoder: Path, out: Path) -> dict[str, Any]:
     if val_set.cat_ids != train_set.cat_ids:
         raise EmaeError(f"{val_set.annotation_file}: categories {val_set.cat_ids} differ from "
                         f"{train_set.annotation_file}'s {train_set.cat_ids}")
-    backbone = build_backbone(encoder, cfg.backbone)
+    seed_everything(derive_seed(cfg.seed, "init"))  # the new layers start the same in every run
+    backbone = build_backbone(encoder, cfg.backbone, "detect")
     model = build_detector(backbone, train_set.num_classes, cfg, config.data.mean, config.data.std).to(device)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")

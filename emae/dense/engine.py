@@ -120,7 +120,7 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
             progress.update(1)
             if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
                 record = {"iteration": iteration, "loss": last_loss, "lr": _top_lr(optimizer),
-                          **{k: float(v) for k, v in losses.items()}}
+                          **{k: float(v.detach()) for k, v in losses.items()}}
                 _append_jsonl(out / "log.jsonl", record)
                 progress.set_postfix(loss=f"{last_loss:.3f}")
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:

@@ -33,8 +33,8 @@ from emae.config import Config, save_config
 from emae.dense.backbone import ViTDetBackbone, build_backbone, no_weight_decay, vit_group_matcher
 from emae.dense.data import SemanticSegmentation, pad_batch, segmentation_collate
 from emae.dense.engine import fit
-from emae.errors import ConfigError
 from emae.io import write_json
+from emae.seeding import derive_seed, seed_everything
 from emae.train.common import add_config_arguments, config_from_args, default_device
 
 log = logging.getLogger("emae.segment")
@@ -106,13 +106,12 @@ class Segmenter(nn.Module):
 def segment(config: Config, encoder: Path, out: Path) -> dict[str, Any]:
     """Fine-tune the segmenter on cfg.root's train split, evaluate on its val split."""
     cfg = config.section("segment")
-    if cfg.batch_size < 2:
-        raise ConfigError(f"segment.batch_size={cfg.batch_size}: must be >= 2 (BatchNorm in the head)")
     device = default_device()
     mean, std = config.data.mean, config.data.std
     train_set = SemanticSegmentation(cfg.root, cfg.train_split, cfg, mean, std, train=True)
     val_set = SemanticSegmentation(cfg.root, cfg.val_split, cfg, mean, std, train=False)
-    backbone = build_backbone(encoder, cfg.backbone, with_pool_level=False)
+    seed_everything(derive_seed(cfg.seed, "init"))  # the new layers start the same in every run
+    backbone = build_backbone(encoder, cfg.backbone, "segment", with_pool_level=False)
     model = Segmenter(backbone, cfg).to(device)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
