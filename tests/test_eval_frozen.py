@@ -158,3 +158,17 @@ def test_cli_reports_errors_without_traceback(tmp_path: Path, digits_root: Path)
                      *TINY_OVERRIDES, f"data.root={digits_root}", check=False)
     assert result.returncode == 2
     assert "encoder export not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pooling_matches_timm_heads(export: Path, digits_root: Path) -> None:
+    """`pool: token` is the encoder's own output; `avg` is timm's avg pool of the normed tokens."""
+    from emae.eval.features import build_encoder, pooled
+
+    config = _config(digits_root)
+    imgs = torch.randn(4, 3, 16, 16)
+    token = build_encoder(export, config.data).eval()
+    avg = build_encoder(export, config.data, global_pool="avg", fc_norm=False).eval()
+    with torch.no_grad():
+        assert torch.allclose(pooled(token, imgs, "token"), token(imgs), atol=1e-6)
+        assert torch.allclose(pooled(token, imgs, "avg"), avg(imgs), atol=1e-6)
+        assert not torch.allclose(pooled(token, imgs, "avg"), token(imgs), atol=1e-3)

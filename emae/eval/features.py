@@ -100,11 +100,20 @@ def gather_rows(local: torch.Tensor, n: int, dist_info: DistInfo) -> torch.Tenso
     return stacked.reshape(-1, *local.shape[1:])[:n]
 
 
+def pooled(encoder: VisionTransformer, imgs: torch.Tensor, pool: str) -> torch.Tensor:
+    """imgs: [B, C, H, W] -> [B, D]: the class token ("token"), or the mean of the patch tokens
+    ("avg"), both after the encoder's final norm, whatever pooling the encoder was built with."""
+    tokens = encoder.forward_features(imgs)  # [B, prefix + L, D]
+    if pool == "token":
+        return tokens[:, 0]
+    return tokens[:, encoder.num_prefix_tokens:].mean(dim=1)
+
+
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, dataset: Dataset, batch_size: int, num_workers: int,
                      device: torch.device, dist_info: DistInfo, amp_dtype: torch.dtype | None = None,
-                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled encoder output of every item: (features [N, D] float32 on CPU, labels [N] long).
+                     pool: str = "token", desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled (`pool`) encoder output of every item: (features [N, D] float32 on CPU, labels [N]).
     Each rank encodes its share; all ranks return the whole set."""
     was_training = encoder.training
     encoder.eval()
@@ -114,7 +123,7 @@ def extract_features(encoder: torch.nn.Module, dataset: Dataset, batch_size: int
     for imgs, target in tqdm(eval_loader(local_set, batch_size, num_workers, device), desc=desc,
                              unit="batch", disable=not dist_info.is_main, dynamic_ncols=True, leave=False):
         with autocast(device, amp_dtype):
-            out = encoder(imgs.to(device, non_blocking=True))  # [b, D]
+            out = pooled(encoder, imgs.to(device, non_blocking=True), pool)  # [b, D]
         feats.append(out.float())
         labels.append(torch.as_tensor(target, device=device))
     encoder.train(was_training)

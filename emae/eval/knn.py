@@ -34,6 +34,7 @@ class KnnConfig(Section):
     k: int = Field(gt=0, description="neighbours that vote")
     temperature: float = Field(gt=0, description="vote weight exp(cos / temperature)")
     batch_size: int = Field(gt=0, description="images per device for feature extraction")
+    pool: Literal["token", "avg"] = Field(description="class token, or mean of the patch tokens")
     amp: Literal["auto", "bf16", "fp16", "off"]
 
 
@@ -67,7 +68,7 @@ def knn_features(encoder: torch.nn.Module, config: Config, device: torch.device,
     train_set, val_set = datasets or _datasets(config)
     amp = autocast_dtype(cfg.amp, device)
     common = dict(batch_size=cfg.batch_size, num_workers=config.data.num_workers, device=device,
-                  dist_info=dist_info, amp_dtype=amp)
+                  dist_info=dist_info, amp_dtype=amp, pool=cfg.pool)
     train = extract_features(encoder, train_set, desc="kNN train features", **common)
     val = extract_features(encoder, val_set, desc="kNN val features", **common)
     return train, val
@@ -116,7 +117,7 @@ def evaluate_knn(config: Config, checkpoint: Path, out: Path, random_init: bool 
     encoder.to(device)
     train, val = knn_features(encoder, config, device, dist_info, datasets)
     metrics: dict[str, Any] = knn_accuracy(train, val, config.data.num_classes, cfg.k, cfg.temperature)
-    metrics |= {"k": cfg.k, "temperature": cfg.temperature, "num_train": len(train[1]),
+    metrics |= {"k": cfg.k, "temperature": cfg.temperature, "pool": cfg.pool, "num_train": len(train[1]),
                 "num_val": len(val[1]), "feature_dim": int(train[0].shape[1]),
                 "random_init": random_init, "checkpoint": str(checkpoint),
                 "seconds": time.perf_counter() - start}

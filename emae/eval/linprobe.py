@@ -39,7 +39,7 @@ from emae.config import Config, Section
 from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, eval_transform
 from emae.errors import EmaeError
 from emae.eval.features import (accuracy, add_checkpoint_argument, add_random_init_argument,
-                                build_encoder, extract_features)
+                                build_encoder, extract_features, pooled)
 from emae.eval.training import append_jsonl, check_same_run, gather_rng, mean_across, truncate_log
 from emae.io import write_json
 from emae.seeding import derive_seed, seed_everything, set_rng_states
@@ -59,6 +59,7 @@ class LinprobeConfig(Section):
     warmup_epochs: float = Field(ge=0)
     weight_decay: float = Field(ge=0)
     momentum: float = Field(ge=0, lt=1)
+    pool: Literal["token", "avg"] = Field(description="class token, or mean of the patch tokens")
     augment: bool = Field(description="false: cached features; true: RandomResizedCrop + flip")
     crop_scale_min: float = Field(gt=0, le=1)
     checkpoint_every_steps: int = Field(gt=0)
@@ -139,7 +140,7 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
 
     # features: val always cached; train cached unless augmented
     common = dict(batch_size=cfg.batch_size, num_workers=config.data.num_workers, device=device,
-                  dist_info=dist_info, amp_dtype=amp)
+                  dist_info=dist_info, amp_dtype=amp, pool=cfg.pool)
     val_feats, val_labels = extract_features(encoder, val_set, desc="val features", **common)
     cached = None if cfg.augment else extract_features(encoder, train_set, desc="train features", **common)
 
@@ -203,7 +204,7 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cached is None:
                 with torch.no_grad(), autocast(device, amp):
-                    x = encoder(x)  # [B, D], frozen
+                    x = pooled(encoder, x, cfg.pool)  # [B, D], frozen
             scheduler.step_update(step)
             loss = criterion(train_head(x.float()), y)
             if not math.isfinite(float(loss.detach())):
@@ -229,7 +230,7 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
     best = max([best, *(json.loads(line)["top1"] for line in _log_lines(out / "log.jsonl"))])
     metrics = {"top1": record["top1"], "top5": record["top5"], "best_top1": best,
                "epochs": cfg.epochs, "steps": step, "lr": lr, "feature_dim": int(val_feats.shape[1]),
-               "num_train": len(train_set), "num_val": len(val_set), "augment": cfg.augment,
+               "num_train": len(train_set), "num_val": len(val_set), "augment": cfg.augment, "pool": cfg.pool,
                "seconds": time.perf_counter() - start}
     distributed.barrier(dist_info)
     distributed.cleanup(dist_info)
