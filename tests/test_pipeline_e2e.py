@@ -42,9 +42,10 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 1200) ->
 
 @pytest.mark.skipif(shutil.which("snakemake") is None, reason="snakemake not installed")
 def test_snakemake_runs_the_whole_dag_and_reruns_nothing(tmp_path: Path) -> None:
+    shutil.copytree(PARAMS, tmp_path / "params")  # a snapshot: the rerun must see the same params
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"overrides": TINY, "threads": 1}))
     snakemake = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2",
-                 "--configfile", "tiny.yaml", "--config", f"params={PARAMS}"]
+                 "--configfile", "tiny.yaml"]
     _run(snakemake, tmp_path, cli_env())
 
     report = tmp_path / "results" / "report"
