@@ -53,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(args.out)
     sweep = Sweep(config_from_args(args), out)  # params, space, data: errors before any write
-    study, new = sweep.create_study(sweep.open_storage())  # storage, existing study's signature
-    save_config(sweep.config, out / PARAMS_SNAPSHOT)
+    if args.results_only:  # nothing runs: a study made with other params may still be reported
+        study, new = _load_for_results(sweep), False
+    else:
+        study, new = sweep.create_study(sweep.open_storage())  # storage, existing study's signature
+        save_config(sweep.config, out / PARAMS_SNAPSHOT)
     print(f"emae sweep: study {sweep.name!r} ({'new' if new else 'continued'}) in {out}: "
           f"{sweep.settings.sampler}, {sweep.target} trials, {sweep.settings.workers} "
           f"{sweep.settings.backend} worker(s); space: {sweep.space.describe()}", flush=True)
@@ -66,6 +69,17 @@ def run(args: argparse.Namespace) -> int:
     summary = write_results(sweep, study)
     _print_summary(sweep, summary)
     return code
+
+
+def _load_for_results(sweep: Sweep) -> Any:
+    from emae.sweep import storage as storage_mod
+
+    study = storage_mod.load(sweep.open_storage(), sweep.name, sweep.sampler("results"), sweep.pruner())
+    try:
+        storage_mod.check_signature(study, sweep.signature())
+    except storage_mod.StudyMismatchError as err:
+        print(f"emae sweep: warning (results only, nothing runs): {err}", file=sys.stderr)
+    return study
 
 
 def _print_summary(sweep: Sweep, summary: dict[str, Any]) -> None:

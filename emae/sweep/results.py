@@ -99,6 +99,10 @@ def plot_heatmap(sweep: Sweep, df: pd.DataFrame, path: Path) -> None:
 
     table = heatmap_frame(sweep, df)
     L = sweep.space.num_patches
+    model = sweep.base["model"]
+    pruned = df[df["state"] == "PRUNED"]
+    pruned_cells = set(zip(pruned.get("params_num_parts", pd.Series(model["num_parts"], index=pruned.index)),
+                           pruned.get("params_mask_ratio", pd.Series(model["mask_ratio"], index=pruned.index))))
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(table.columns), 1.0 + 0.6 * len(table.index)))
     image = ax.imshow(table.to_numpy(dtype=float), cmap="viridis", aspect="auto", origin="lower")
     for i, k in enumerate(table.index):
@@ -109,6 +113,8 @@ def plot_heatmap(sweep: Sweep, df: pd.DataFrame, path: Path) -> None:
                                            edgecolor="0.6", linewidth=0))
             elif not np.isnan(value):
                 ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="w", fontsize=9)
+            elif (k, r) in pruned_cells:
+                ax.text(j, i, "pruned", ha="center", va="center", color="0.4", fontsize=8)
     ax.set_xticks(range(len(table.columns)), [f"{r:g}" for r in table.columns])
     ax.set_yticks(range(len(table.index)), [str(k) for k in table.index])
     ax.set_xlabel("mask ratio r")
