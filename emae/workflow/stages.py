@@ -192,18 +192,26 @@ class Pipeline:
         """The validated config of the whole tree, or of one run (pipeline.overrides, the variant
         and its seed merged in, then the user's overrides)."""
         tree, origin = load_raw([self.params], (), self.preset)
-        if run is not None:
-            raw_pipeline = tree.get("pipeline", {})
-            common_src = f"{_source(origin, 'pipeline.overrides')}: pipeline.overrides"
-            _merge(tree, copy.deepcopy(raw_pipeline.get("overrides") or {}), origin, common_src)
-            variant_src = f"{_source(origin, f'pipeline.variants.{run.variant}')}: pipeline.variants.{run.variant}"
-            _merge(tree, copy.deepcopy(raw_pipeline["variants"][run.variant]), origin, variant_src)
-            _merge(tree, {"pretrain": {"seed": run.seed}}, origin,
-                   f"{_source(origin, 'pipeline.seeds')}: pipeline.seeds")
+        if run is not None:  # self.settings: the pipeline section, the user's overrides included
+            self._merge_labelled(tree, origin, self.settings.overrides, "pipeline.overrides")
+            self._merge_labelled(tree, origin, self.settings.variants[run.variant],
+                                 f"pipeline.variants.{run.variant}")
+            self._merge_labelled(tree, origin, {"pretrain": {"seed": run.seed}}, "pipeline.seeds")
         _apply_overrides(tree, origin, self.overrides)
         config = config_from_tree(tree, origin)
         validate_all(config)
         return config
+
+    def _merge_labelled(self, tree: dict[str, Any], origin: dict[str, str], subtree: dict[str, Any],
+                        key: str) -> None:
+        """Merge `subtree` (the pipeline section's `key`) into `tree`; errors about its values then
+        name the file (or override) that set them and `key`."""
+        _merge(tree, copy.deepcopy(subtree), origin, key)
+        base = self.config.origin
+        for leaf in flatten(subtree):
+            dotted = leaf.split("=", 1)[0]
+            source = base.get(f"{key}.{dotted}") or _source(base, key)
+            origin[dotted] = f"{source}: {key}"
 
     def run_overrides(self, run: Run) -> list[str]:
         """The `key=value` arguments that make the params tree into this run's config."""
