@@ -36,6 +36,9 @@ def test_loss_falls_and_outputs_are_written(tmp_path: Path, tiny_overrides: list
     assert set(load_file(str(tmp_path / "encoder.safetensors"))) >= {"cls_token", "pos_embed", "norm.weight"}
     # a rerun of a finished run does nothing and returns the same metrics
     assert pretrain(config, tmp_path) == json.loads((tmp_path / "metrics.json").read_text())
+    # killed after the last checkpoint, before metrics.json: the rerun completes the figures
+    (tmp_path / "metrics.json").unlink()
+    assert pretrain(config, tmp_path) == metrics
 
 
 def test_resume_after_sigkill_is_exact(tmp_path: Path, tiny_overrides: list[str]) -> None:

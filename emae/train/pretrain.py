@@ -215,6 +215,9 @@ def pretrain(config: Config, out: Path,
             epoch_callback(epoch_stats)
 
     metrics: dict[str, Any] = {}
+    if not epoch_stats:  # killed after the last checkpoint: the last epoch's line has the figures
+        lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
+        epoch_stats = json.loads(lines[-1]) if lines else {}
     if dist_info.is_main:
         save_encoder(model, out / ENCODER_FILE)
         metrics = {"epochs": cfg.epochs, "steps": step, "pretrain_seconds": elapsed,
