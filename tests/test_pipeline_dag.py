@@ -209,3 +209,14 @@ def test_install_profile_and_run_by_name(tmp_path: Path) -> None:
     result = snakemake(work, "-n", "-p", "--profile", str(REPO / "workflow/profiles/slurm"),
                        "--config", f"params={PARAMS}")
     assert result.returncode == 0 and "--launcher kind=slurm" in result.stdout
+
+
+def test_variant_errors_name_their_source() -> None:
+    """A bad variant value set by an override is reported as the override's, not the file's."""
+    result = run_cli("stage", "pretrain", "--variant", "emae", "--seed", "0", "--print",
+                     "pipeline.variants.emae.model.num_parts=9", check=False)
+    assert result.returncode == 2
+    assert "override 'pipeline.variants.emae.model.num_parts=9': pipeline.variants.emae: model.num_parts=9" \
+        in result.stderr
+    seeds = run_cli("stage", "report", "--print", "pipeline.seeds=[1, 1]", check=False)
+    assert seeds.returncode == 2 and "pipeline.seeds" in seeds.stderr and "distinct" in seeds.stderr
