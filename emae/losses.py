@@ -54,10 +54,11 @@ def consistency_loss(
         return pred.sum() * 0.0
     maskf = mask.to(pred.dtype)  # [K, B, L]
     if distance == "l1":
+        parts = pred.unbind(0)  # K x [B, L, P]; one backward stack instead of one per pair
         total = pred.new_zeros(())
         for i in range(num_parts):
             for j in range(i + 1, num_parts):
-                per_patch = (pred[i] - pred[j]).abs().mean(dim=-1)  # [B, L]
+                per_patch = (parts[i] - parts[j]).abs().mean(dim=-1)  # [B, L]
                 total = total + (per_patch * maskf[i] * maskf[j]).sum()
     else:
         total = _pairwise_sq_sum(pred, maskf)
