@@ -29,7 +29,10 @@ localrules: all
 
 rule all:
     default_target: True
-    input: PIPELINE.job("report").deps, [o.path for o in PIPELINE.job("report").snakemake_outs]
+    input:
+        PIPELINE.job("report").deps,
+        [o.path for o in PIPELINE.job("report").snakemake_outs],
+        [o.path for o in PIPELINE.job("sweep").outs] if PIPELINE.stage_enabled("sweep") else [],
 
 
 include: "workflow/rules/prepare.smk"
@@ -37,7 +40,8 @@ include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
-# Optuna sweeps (`snakemake sweep_<study>`), written alongside; not part of `all`.
+# Optuna sweeps (`snakemake sweep`, or results/sweeps/<study>/best.yaml); in `all` only when
+# pipeline.stages.sweep is true.
 if os.path.exists(os.path.join(workflow.basedir, "workflow", "rules", "sweep.smk")):
 
     include: "workflow/rules/sweep.smk"

@@ -21,6 +21,7 @@ class StageToggles(Section):
     finetune: bool
     consistency: bool
     visualize: bool
+    sweep: bool = Field(description="also run the Optuna sweep of params/sweep.yaml (results/sweeps/k_mask_ratio)")
 
 
 class ReportConfig(Section):

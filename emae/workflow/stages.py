@@ -37,7 +37,9 @@ REPORT_DIR = f"{RESULTS_DIR}/report"
 EVAL_STAGES = ("knn", "linprobe", "finetune")  # read the exported encoder
 MODEL_STAGES = ("consistency", "visualize")  # read the full checkpoint (decoder included)
 RUN_STAGES = ("pretrain", *EVAL_STAGES, *MODEL_STAGES)
-STAGES = ("prepare", *RUN_STAGES, "report")
+STAGES = ("prepare", *RUN_STAGES, "report", "sweep")
+SWEEP_DIR = f"{RESULTS_DIR}/sweeps"
+SWEEP_STUDY = "k_mask_ratio"  # the study the pipeline runs when pipeline.stages.sweep is true
 
 # Report outputs (the report command writes exactly these; `emae.report` imports the names).
 SUMMARY_CSV = "summary.csv"
@@ -57,6 +59,8 @@ CODE = {
     "pretrain": ["emae/train", "emae/models", "emae/data", "emae/masking.py", "emae/losses.py"],
     "eval": ["emae/eval", "emae/models", "emae/data"],
     "report": ["emae/report"],
+    "sweep": ["emae/sweep", "emae/train", "emae/models", "emae/data", "emae/eval", "emae/masking.py",
+              "emae/losses.py"],
 }
 
 
@@ -266,7 +270,7 @@ class Pipeline:
         if (stage in RUN_STAGES) != (run is not None):
             raise ConfigError(f"stage {stage!r} " + ("needs --variant and --seed" if run is None
                                                       else "takes no --variant / --seed"))
-        return getattr(self, f"_job_{stage}" if stage in ("prepare", "pretrain", "report")
+        return getattr(self, f"_job_{stage}" if stage in ("prepare", "pretrain", "report", "sweep")
                        else "_job_eval")(stage, run)
 
     def pattern(self, stage: str) -> StageJob:
@@ -336,6 +340,17 @@ class Pipeline:
             outs.append(Out(f"{d}/{RECONSTRUCTIONS_DIR}", directory=True))
         return StageJob(stage, None, ["report", *self._common_argv(), "-o", d, *self.overrides],
                         deps=deps, outs=outs, params=["pipeline.report"], code=CODE["report"])
+
+    def _job_sweep(self, stage: str, run: None) -> StageJob:
+        """The Optuna sweep of params/sweep.yaml (optional). Its study journal and trial folders
+        are resume state: not declared, so neither tool deletes them (rerunning continues)."""
+        d = f"{SWEEP_DIR}/{SWEEP_STUDY}"
+        outs = [Out(f"{d}/trials.csv"), Out(f"{d}/best.yaml"), Out(f"{d}/metrics.json", kind="metrics"),
+                Out(f"{d}/plots/heatmap.png", kind="plots"), Out(f"{d}/plots/history.png", kind="plots")]
+        return StageJob(stage, None, ["sweep", *self._common_argv(), "-o", d, *self.overrides],
+                        deps=self._data_deps(), outs=outs,
+                        params=["sweep", "data", "model", "pretrain", "knn", "linprobe"],
+                        code=CODE["sweep"])
 
     # ------------------------------------------------------------------------------ DVC params
 

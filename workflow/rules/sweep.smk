@@ -1,4 +1,5 @@
-# Optuna sweeps over K and the mask ratio (params/sweep.yaml; docs/sweeps.md). Not part of `all`:
+# Optuna sweeps over K and the mask ratio (params/sweep.yaml; docs/sweeps.md). Part of `all` only
+# when pipeline.stages.sweep is true (dvc.yaml then has the stage `sweep` too):
 #
 #   snakemake sweep --cores all                                   # results/sweeps/k_mask_ratio/
 #   snakemake results/sweeps/<study>/best.yaml --cores all        # another study (folder) name
@@ -11,8 +12,7 @@
 # the study, and a study reopened with another search space is refused with a clear error.
 import json
 
-SWEEP_DIR = "results/sweeps"
-SWEEP_DEFAULT_STUDY = "k_mask_ratio"
+from emae.workflow.stages import SWEEP_DIR, SWEEP_STUDY as SWEEP_DEFAULT_STUDY
 SWEEP_SECTIONS = ("sweep", "data", "model", "pretrain", "knn", "linprobe")
 
 
