@@ -100,6 +100,8 @@ def test_step_throughput_smoke_writes_its_json(tmp_path: Path) -> None:
     assert {"emae_k4_vs_mae_masked_patches_per_s", "emae_k4_vs_naive_k4_masked_patches_per_s"} <= set(data["targets"])
     if HAVE_HF:
         assert "mae_vs_hf_images_per_s" in data["targets"]
+    table = st.markdown_table(data)
+    assert "| mae | 1 |" in table and "| emae_k4_vs_naive_k4_masked_patches_per_s |" in table
 
 
 def test_step_throughput_rejects_unknown_variant(capsys: pytest.CaptureFixture[str]) -> None:
