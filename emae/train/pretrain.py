@@ -82,6 +82,8 @@ def pretrain(config: Config, out: Path,
     the kNN monitor); an exception it raises (e.g. `optuna.TrialPruned`) ends the run there.
     """
     cfg = config.pretrain
+    if cfg.knn_every_epochs:
+        config.section("knn")  # the monitor's params: errors now, not after the first epochs
     dist_info = distributed.init_distributed()
     device = default_device()
     if cfg.deterministic:
