@@ -345,17 +345,12 @@ def config_from_tree(tree: dict[str, Any], origin: dict[str, str] | None = None)
     try:
         config = Config.model_validate(core)
     except ValidationError as err:
-        raise ConfigError(_cross_check_message(err, origin or {})) from None
+        raise ConfigError(explain_validation_error(err, origin or {})) from None
     config.extra = extra
     config.origin = dict(origin or {})
     return config
 
 
-def _cross_check_message(err: ValidationError, origin: dict[str, str]) -> str:
-    problems = err.errors()
-    # A cross-section check failing at the root carries its own explanation; name the file of the
-    # first key its message mentions.
-    return explain_validation_error(err, origin)
 
 
 def save_config(config: Config, path: Path) -> None:

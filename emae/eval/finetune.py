@@ -47,7 +47,7 @@ from emae.config import Config, Section
 from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, eval_transform
 from emae.errors import EmaeError
 from emae.eval.features import add_checkpoint_argument, build_encoder, topk_correct
-from emae.eval.training import append_jsonl, check_same_run, gather_rng, mean_across, truncate_log
+from emae.eval.training import append_jsonl, check_same_run, truncate_log
 from emae.io import write_json
 from emae.seeding import derive_seed, seed_everything, set_rng_states
 from emae.train import distributed
@@ -207,7 +207,7 @@ def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def save(elapsed_now: float) -> None:
-        rng = gather_rng(dist_info)
+        rng = distributed.gather_rng_states(dist_info)
         if dist_info.is_main:
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -265,7 +265,7 @@ def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
         elapsed += epoch_seconds
         record: dict[str, Any] = {
             "epoch": epoch + 1, "step": step, "lr": max(g["lr"] for g in optimizer.param_groups),
-            "loss": mean_across(loss_sum / max(loss_steps, 1), dist_info, device),
+            "loss": distributed.mean_across(loss_sum / max(loss_steps, 1), dist_info, device),
             "epoch_seconds": epoch_seconds, "images_per_s": images / epoch_seconds}
         if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs:
             result = evaluate(model, val_set, cfg.batch_size, config.data.num_workers, device,

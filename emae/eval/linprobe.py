@@ -40,7 +40,7 @@ from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, eval_
 from emae.errors import EmaeError
 from emae.eval.features import (accuracy, add_checkpoint_argument, add_random_init_argument,
                                 build_encoder, extract_features, pooled)
-from emae.eval.training import append_jsonl, check_same_run, gather_rng, mean_across, truncate_log
+from emae.eval.training import append_jsonl, check_same_run, truncate_log
 from emae.io import write_json
 from emae.seeding import derive_seed, seed_everything, set_rng_states
 from emae.train import distributed
@@ -181,7 +181,7 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
     criterion = nn.CrossEntropyLoss()
 
     def save() -> None:
-        rng = gather_rng(dist_info)
+        rng = distributed.gather_rng_states(dist_info)
         if dist_info.is_main:
             save_checkpoint(ckpt_path, {"head": head.state_dict(), "optimizer": optimizer.state_dict(),
                                         "step": step, "config": run_config, "rng": rng})
@@ -219,7 +219,7 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
         result = _evaluate(head, val_feats, val_labels, device)
         best = max(best, result["top1"])
         record = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                  "loss": mean_across(sum(losses) / max(len(losses), 1), dist_info, device), **result}
+                  "loss": distributed.mean_across(sum(losses) / max(len(losses), 1), dist_info, device), **result}
         if dist_info.is_main:
             append_jsonl(out / "log.jsonl", record)
         save()

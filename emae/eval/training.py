@@ -6,12 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from emae.errors import EmaeError
 from emae.io import atomic_write_text
-from emae.seeding import rng_states
-from emae.train import distributed
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -40,17 +37,3 @@ def check_same_run(saved: dict[str, Any], now: dict[str, Any], path: Path, ignor
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
-
-
-def gather_rng(dist_info: distributed.DistInfo) -> list[dict[str, Any]]:
-    """RNG states of every rank (rank r resumes from entry r)."""
-    states = rng_states()
-    if not dist_info.enabled:
-        return [states]
-    gathered: list[Any] = [None] * dist_info.world_size
-    torch.distributed.all_gather_object(gathered, states)
-    return gathered
-
-
-def mean_across(value: float, dist_info: distributed.DistInfo, device: torch.device) -> float:
-    return float(distributed.all_reduce_mean(torch.tensor(value, device=device), dist_info))

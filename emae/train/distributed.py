@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from emae.seeding import rng_states
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -66,6 +68,21 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value)
     return value / info.world_size
+
+
+def mean_across(value: float, info: DistInfo, device: torch.device) -> float:
+    """A Python number averaged over the ranks."""
+    return float(all_reduce_mean(torch.tensor(value, device=device), info))
+
+
+def gather_rng_states(info: DistInfo) -> list[dict[str, object]]:
+    """RNG states of every rank, for a checkpoint (rank r resumes from entry r)."""
+    states = rng_states()
+    if not info.enabled:
+        return [states]
+    gathered: list[object] = [None] * info.world_size
+    dist.all_gather_object(gathered, states)
+    return gathered  # type: ignore[return-value]
 
 
 def cleanup(info: DistInfo) -> None:

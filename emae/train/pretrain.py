@@ -42,7 +42,7 @@ from emae.errors import EmaeError
 from emae.io import atomic_write_text, write_json
 from emae.models import EMAE, save_encoder
 from emae.models.export import ENCODER_FILE
-from emae.seeding import derive_seed, rng_states, seed_everything, set_rng_states
+from emae.seeding import derive_seed, seed_everything, set_rng_states
 from emae.train import distributed
 from emae.train.checkpoint import load_checkpoint, save_checkpoint
 from emae.train.common import (add_config_arguments, autocast, autocast_dtype, config_from_args,
@@ -200,7 +200,7 @@ def pretrain(config: Config, out: Path,
         epoch_seconds = time.perf_counter() - epoch_start
         elapsed += epoch_seconds
         steps_run = max(step - epoch_start_step, 1)  # steps this process ran in this epoch
-        epoch_stats = {k: _mean_across(v / steps_run, dist_info, device) for k, v in sums.items()}
+        epoch_stats = {k: distributed.mean_across(v / steps_run, dist_info, device) for k, v in sums.items()}
         epoch_stats |= {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                         "images_per_s": epoch_images / epoch_seconds, "epoch_seconds": epoch_seconds,
                         "pretrain_seconds": elapsed}
@@ -244,7 +244,7 @@ def pretrain(config: Config, out: Path,
 
 def _save(path: Path, model: EMAE, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
           config: Config, step: int, elapsed: float, dist_info: distributed.DistInfo) -> None:
-    rng = _gather_rng(dist_info)
+    rng = distributed.gather_rng_states(dist_info)
     if dist_info.is_main:
         save_checkpoint(path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -252,20 +252,6 @@ def _save(path: Path, model: EMAE, optimizer: torch.optim.Optimizer, scaler: tor
             "config": config.to_dict(), "rng": rng,
         })
     distributed.barrier(dist_info)
-
-
-def _gather_rng(dist_info: distributed.DistInfo) -> list[dict[str, Any]]:
-    """RNG states of every rank (rank r resumes from entry r)."""
-    states = rng_states()
-    if not dist_info.enabled:
-        return [states]
-    gathered: list[Any] = [None] * dist_info.world_size
-    torch.distributed.all_gather_object(gathered, states)
-    return gathered
-
-
-def _mean_across(value: float, dist_info: distributed.DistInfo, device: torch.device) -> float:
-    return float(distributed.all_reduce_mean(torch.tensor(value, device=device), dist_info))
 
 
 def _check_same_run(saved: dict[str, Any], config: Config, path: Path) -> None:
