@@ -133,14 +133,35 @@ def test_dvc_yaml_check_detects_drift(tmp_path: Path) -> None:
 def test_snakemake_and_dvc_agree_job_for_job(tmp_path: Path) -> None:
     """Same jobs (names), same commands, same inputs and outputs in the Snakefile's DAG (a dry-run
     of the real snakemake) and in the committed dvc.yaml; DVC params keys exist in their files."""
+    _assert_dags_agree(PARAMS, REPO / "dvc.yaml", tmp_path)
+
+
+def test_dags_agree_with_the_dense_stages_on(tmp_path: Path) -> None:
+    params = tmp_path / "params"
+    shutil.copytree(PARAMS, params)
+    pipeline_yaml = params / "pipeline.yaml"
+    text = pipeline_yaml.read_text()
+    for stage in ("prepare_dense", "detect", "segment"):
+        text = re.sub(rf"^(    {stage}:) false", r"\1 true", text, flags=re.M)
+    pipeline_yaml.write_text(text)
+    dvc_file = tmp_path / "dvc.yaml"
+    run_cli("dvc-yaml", "-p", str(params), "-o", str(dvc_file))
+    stages = yaml.safe_load(dvc_file.read_text())["stages"]
+    assert {"prepare_dense", "detect-emae-seed0", "segment-mae-seed0"} <= set(stages)
+    work = tmp_path / "work"
+    work.mkdir()
+    _assert_dags_agree(params, dvc_file, work)
+
+
+def _assert_dags_agree(params: Path, dvc_file: Path, tmp_path: Path) -> None:
     from emae.workflow.stages import Pipeline
 
-    result = snakemake(tmp_path, "-n", "-p", "--cores", "1", "--config", f"params={PARAMS}")
+    result = snakemake(tmp_path, "-n", "-p", "--cores", "1", "--config", f"params={params}")
     assert result.returncode == 0, result.stderr[-3000:]
     snake = dry_run_jobs(result.stdout)
 
-    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    pipeline = Pipeline(PARAMS)
+    dvc = yaml.safe_load(dvc_file.read_text())["stages"]
+    pipeline = Pipeline(params)
     assert len(dvc) == len(snake) == len(pipeline.jobs())
     for name, stage in dvc.items():
         key = STAGE_CMD.search(stage["cmd"]).groups()

@@ -18,10 +18,14 @@ from emae.errors import EmaeError
 from emae.io import read_json
 from emae.workflow.stages import EVAL_STAGES, Pipeline, Run
 
+# dense transfer metrics (percent) in the summary, when their stages run
+DENSE_KEYS = {"detect": ("det_ap_box", "det_ap_mask"), "segment": ("seg_miou",)}
+
 # Columns of the per-variant summary that are the same for all seeds of a variant.
 SETTINGS = ["K", "mask_ratio", "consistency_weight", "epochs"]
 # Columns averaged over seeds (mean, and `<name>_std`).
 MEASURES = ["pretrain_seconds", "final_loss", "knn_top1", "linprobe_top1", "finetune_top1",
+            "det_ap_box", "det_ap_mask", "seg_miou",
             "consistency"]
 
 
@@ -75,6 +79,12 @@ def run_row(pipeline: Pipeline, run: Run, root: Path = Path(".")) -> dict[str, A
     if pipeline.stage_enabled("consistency"):
         path = root / run.result_dir("consistency") / "metrics.json"
         row["consistency"] = _number(_metrics(path), "consistency", path)
+    for stage, keys in DENSE_KEYS.items():
+        row |= {key: math.nan for key in keys}
+        if pipeline.stage_enabled(stage):
+            path = root / run.result_dir(stage) / "metrics.json"
+            metrics = _metrics(path)
+            row |= {key: _number(metrics, key, path) for key in keys}
     return row
 
 

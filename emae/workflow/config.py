@@ -21,6 +21,9 @@ class StageToggles(Section):
     finetune: bool
     consistency: bool
     visualize: bool
+    prepare_dense: bool = Field(description="write the generated detection/segmentation set at dense_data.root")
+    detect: bool = Field(description="Mask R-CNN on each encoder (emae detect; slow on CPU)")
+    segment: bool = Field(description="semantic segmentation on each encoder (emae segment; slow on CPU)")
     sweep: bool = Field(description="also run the Optuna sweep of params/sweep.yaml (results/sweeps/k_mask_ratio)")
 
 

@@ -36,8 +36,9 @@ REPORT_DIR = f"{RESULTS_DIR}/report"
 
 EVAL_STAGES = ("knn", "linprobe", "finetune")  # read the exported encoder
 MODEL_STAGES = ("consistency", "visualize")  # read the full checkpoint (decoder included)
-RUN_STAGES = ("pretrain", *EVAL_STAGES, *MODEL_STAGES)
-STAGES = ("prepare", *RUN_STAGES, "report", "sweep")
+DENSE_STAGES = ("detect", "segment")  # dense transfer on the exported encoder (emae.dense)
+RUN_STAGES = ("pretrain", *EVAL_STAGES, *MODEL_STAGES, *DENSE_STAGES)
+STAGES = ("prepare", "prepare_dense", *RUN_STAGES, "report", "sweep")
 SWEEP_DIR = f"{RESULTS_DIR}/sweeps"
 SWEEP_STUDY = "k_mask_ratio"  # the study the pipeline runs when pipeline.stages.sweep is true
 
@@ -59,6 +60,8 @@ CODE = {
     "pretrain": ["emae/train", "emae/models", "emae/data", "emae/masking.py", "emae/losses.py"],
     "eval": ["emae/eval", "emae/models", "emae/data"],
     "report": ["emae/report"],
+    "prepare_dense": ["emae/dense/generate.py"],
+    "dense": ["emae/dense", "emae/models"],
     "sweep": ["emae/sweep", "emae/train", "emae/models", "emae/data", "emae/eval", "emae/masking.py",
               "emae/losses.py"],
 }
@@ -270,7 +273,10 @@ class Pipeline:
         if (stage in RUN_STAGES) != (run is not None):
             raise ConfigError(f"stage {stage!r} " + ("needs --variant and --seed" if run is None
                                                       else "takes no --variant / --seed"))
-        return getattr(self, f"_job_{stage}" if stage in ("prepare", "pretrain", "report", "sweep")
+        if stage in DENSE_STAGES:
+            return self._job_dense(stage, run)
+        return getattr(self, f"_job_{stage}" if stage in ("prepare", "prepare_dense", "pretrain",
+                                                          "report", "sweep")
                        else "_job_eval")(stage, run)
 
     def pattern(self, stage: str) -> StageJob:
@@ -293,6 +299,29 @@ class Pipeline:
             stage, None, ["prepare", *self._common_argv(), "-o", self.data_root, *self.overrides],
             deps=[], outs=[Out(self.data_root, directory=True)],
             params=["data.image_size", "prepare"], code=CODE["prepare"])
+
+    def _job_prepare_dense(self, stage: str, run: None) -> StageJob:
+        root = self.config.extra["dense_data"]["root"]
+        return StageJob(
+            stage, None, ["prepare-dense", *self._common_argv(), "-o", root, *self.overrides],
+            deps=[], outs=[Out(root, directory=True)],
+            params=["dense_data", "prepare.val_fraction", "prepare.seed"], code=CODE["prepare_dense"])
+
+    def _job_dense(self, stage: str, run: Run) -> StageJob:
+        """Detection / segmentation on the exported encoder (resume state persists, as pretrain's)."""
+        out = run.result_dir(stage)
+        outs = [Out(f"{out}/metrics.json", kind="metrics"), Out(f"{out}/config.yaml"),
+                *([Out(f"{out}/coco_eval.txt")] if stage == "detect" else []),
+                Out(f"{out}/checkpoints", persist=True, directory=True),
+                Out(f"{out}/log.jsonl", persist=True)]
+        deps = [f"{run.run_dir}/encoder.safetensors"]
+        if self.stage_enabled("prepare_dense"):
+            deps.append(self.config.extra["dense_data"]["root"])
+        return StageJob(
+            stage, run, [stage, "--checkpoint", deps[0], *self._common_argv(), "-o", out,
+                         *self.run_overrides(run)],
+            deps=deps, outs=outs, params=["data.mean", "data.std", stage, *self._variant_params(run)],
+            code=CODE["dense"])
 
     def _job_pretrain(self, stage: str, run: Run) -> StageJob:
         d = run.run_dir
@@ -328,7 +357,7 @@ class Pipeline:
         deps = []
         for r in self.runs:
             deps.append(f"{r.run_dir}/metrics.json")
-            for s in (*EVAL_STAGES, *MODEL_STAGES):
+            for s in (*EVAL_STAGES, *MODEL_STAGES, *DENSE_STAGES):
                 if self.stage_enabled(s):
                     deps.append(r.result_dir(s) if s == "visualize" else f"{r.result_dir(s)}/metrics.json")
         d = REPORT_DIR

@@ -1,7 +1,7 @@
 # Evaluations of each pre-trained run: results/<variant>/seed<seed>/<stage>/ (stages switched on in
 # pipeline.stages). kNN, linear probe and fine-tuning read the exported encoder; consistency and
-# reconstructions the full checkpoint (with the decoder).
-for _stage in ("knn", "linprobe", "finetune", "consistency", "visualize"):
+# reconstructions the full checkpoint (with the decoder); detect / segment (dense transfer) the encoder.
+for _stage in ("knn", "linprobe", "finetune", "consistency", "visualize", "detect", "segment"):
     if not PIPELINE.stage_enabled(_stage):
         continue
 

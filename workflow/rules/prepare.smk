@@ -7,3 +7,14 @@ if PIPELINE.stage_enabled("prepare"):
         log: log_path("prepare")
         threads: 1
         shell: "{EMAE} stage {params.args} > {log} 2>&1"
+
+
+# The generated detection / segmentation set (COCO and ADE20K layouts) at dense_data.root.
+if PIPELINE.stage_enabled("prepare_dense"):
+
+    rule prepare_dense:
+        output: stage_outputs("prepare_dense")
+        params: values=stage_params("prepare_dense"), args=stage_args("prepare_dense")
+        log: log_path("prepare_dense")
+        threads: 1
+        shell: "{EMAE} stage {params.args} > {log} 2>&1"
