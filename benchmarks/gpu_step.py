@@ -77,13 +77,13 @@ def loss_fn(case: Case, device: torch.device) -> tuple[torch.nn.Module, Callable
     generator = torch.Generator(device=device).manual_seed(0)
     if case.variant == "hf_vitmae":
         model = st.build_hf_vitmae(d).to(device).train()
-        run = torch.compile(model) if case.compile else model
+        run = torch.compile(model, dynamic=False) if case.compile else model
         return model, (lambda imgs: run(pixel_values=imgs, noise=torch.rand(
             imgs.shape[0], d.num_patches, device=device, generator=generator)).loss), 1
     num_parts = {"mae": 1, "emae_k4": 4}[case.variant]
     model = st.build_emae(d, num_parts, 0.0 if num_parts == 1 else 1.0,
                           grad_checkpointing=case.grad_checkpointing).to(device).train()
-    run = torch.compile(model) if case.compile else model
+    run = torch.compile(model, dynamic=False) if case.compile else model
 
     return model, (lambda imgs: run(imgs, generator=generator).loss), num_parts
 
@@ -150,6 +150,7 @@ def measure_case(case: Case, device: torch.device, amp_dtype: torch.dtype | None
                            if device.type == "cuda" else None),
     }
     del model, loss, step
+    torch._dynamo.reset()  # each case compiles afresh (no shapes or K carried over as dynamic)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result

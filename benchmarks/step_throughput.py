@@ -187,19 +187,21 @@ class Variant:
 def make_variant(name: str, d: Dims, device: torch.device, grad_checkpointing: bool = False,
                  seed: int = 0) -> Variant:
     """`name` from VARIANTS, optionally suffixed `_compiled` (the whole model under torch.compile,
-    masks still drawn from the generator, as `emae pretrain` with `pretrain.compile=true`)."""
+    masks still drawn from the generator, as `emae pretrain` with `pretrain.compile=true`).
+    Compiled with static shapes: models with another K in the same process would otherwise make
+    dynamo trace K as a symbolic int, which `parallel_masks`' range check cannot take."""
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     base = name.removesuffix("_compiled")
     if base == "hf_vitmae":
         model = build_hf_vitmae(d).to(device).train()
-        run = torch.compile(model) if name != base else model
+        run = torch.compile(model, dynamic=False) if name != base else model
         return Variant(name, model, 1, lambda imgs: run(pixel_values=imgs).loss)
     num_parts = {"mae": 1, "emae_k2": 2, "emae_k4": 4, "naive_k4": 4}[base]
     weight = 0.0 if base == "mae" else 1.0
     emae = build_emae(d, num_parts, weight, grad_checkpointing=grad_checkpointing).to(device).train()
     module: nn.Module = NaiveParts(emae) if base.startswith("naive") else emae
-    run = torch.compile(module) if name != base else module
+    run = torch.compile(module, dynamic=False) if name != base else module
     if base.startswith("naive"):
         return Variant(name, module, num_parts, lambda imgs: run(imgs, generator=generator))
     return Variant(name, emae, num_parts, lambda imgs: run(imgs, generator=generator).loss)
