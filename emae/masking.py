@@ -43,7 +43,7 @@ def parallel_masks(
     allowed = allowed_num_parts(num_patches, mask_ratio)
     if n_keep < 1:
         raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch out of {num_patches}")
-    if num_parts not in allowed:
+    if not allowed.start <= num_parts < allowed.stop:  # (`in range` breaks torch.compile)
         raise ValueError(
             f"num_parts={num_parts} is not possible with mask_ratio={mask_ratio} and "
             f"{num_patches} patches ({n_keep} visible per part): allowed K are "

@@ -25,12 +25,12 @@ def _final_weights(out: Path) -> dict[str, torch.Tensor]:
                                      ["model.num_parts=4", "model.consistency_weight=1"]],
                          ids=["mae", "emae"])
 def test_loss_falls_and_outputs_are_written(tmp_path: Path, tiny_overrides: list[str], variant: list[str]) -> None:
-    config = load_config(CORE_PARAMS, tiny_overrides + variant + ["pretrain.epochs=3", "pretrain.blr=5e-3"])
+    config = load_config(CORE_PARAMS, tiny_overrides + variant + ["pretrain.epochs=2", "pretrain.blr=5e-3"])
     metrics = pretrain(config, tmp_path)
     epochs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert [e["epoch"] for e in epochs] == [1, 2]
     assert epochs[-1]["recon_loss"] < 0.9 * epochs[0]["recon_loss"]
-    assert metrics["steps"] == 3 * (1437 // 64)
+    assert metrics["steps"] == 2 * (1437 // 64)
     for name in ("config.yaml", "encoder.safetensors", "metrics.json", "steps.jsonl", "checkpoints/last.pt"):
         assert (tmp_path / name).exists(), name
     assert set(load_file(str(tmp_path / "encoder.safetensors"))) >= {"cls_token", "pos_embed", "norm.weight"}

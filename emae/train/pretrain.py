@@ -70,8 +70,7 @@ def build_optimizer(model: torch.nn.Module, config: Config, lr: float) -> torch.
     """AdamW without weight decay on norms, biases, tokens and position embeddings."""
     cfg = config.pretrain
     groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=model.no_weight_decay())
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=True)  # fused: CPU and CUDA
 
 
 def pretrain(config: Config, out: Path,
