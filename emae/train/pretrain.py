@@ -46,7 +46,7 @@ from emae.seeding import derive_seed, seed_everything, set_rng_states
 from emae.train import distributed
 from emae.train.checkpoint import load_checkpoint, save_checkpoint
 from emae.train.common import (add_config_arguments, autocast, autocast_dtype, config_from_args,
-                               default_device)
+                               default_device, optimizer_step)
 
 log = logging.getLogger("emae.pretrain")
 
@@ -180,12 +180,7 @@ def pretrain(config: Config, out: Path,
             if not last_micro:
                 continue
             micro = 0
-            if cfg.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, scaler, cfg.clip_grad)
             step += 1
             progress.update(1)
             if dist_info.is_main and step % cfg.log_every_steps == 0:
