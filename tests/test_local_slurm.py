@@ -52,9 +52,11 @@ def job_field(job_id: str, field: str) -> str:
 
 
 def start_now_if_delayed(job_id: str) -> bool:
-    """SLURM holds a requeued batch job back ~2 minutes (BeginTime); let it start at once."""
+    """SLURM holds a requeued batch job back ~2 minutes (BeginTime); let it start in 2 s. Not at
+    once: slurmd refuses a job whose credential is from the same second as the requeue's
+    revocation ("Killing non-startable batch job: Job credential revoked") and the job FAILs."""
     if job_field(job_id, "JobState") == "PENDING" and job_field(job_id, "Reason") == "BeginTime":
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+2"], check=False)
         return True
     return False
 
