@@ -5,7 +5,9 @@ the profile installed by `emae install-profile`, every job an sbatch job, the GP
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import PARAMS, REPO, cli_env
-from conftest_slurm import slurm_has_accounting, slurm_is_up
+from conftest_slurm import slurm_has_accounting, slurm_is_up, wait_until
 from test_pipeline_e2e import TINY, _run
 
 UP, WHY = slurm_is_up()
@@ -108,3 +110,38 @@ def test_snakemake_profile_slurm_runs_the_dag_like_the_local_run(tmp_path: Path)
     columns = [c for c in summaries[0].columns if "seconds" not in c and c not in TIMINGS]
     assert "knn_top1" in columns
     pd.testing.assert_frame_equal(summaries[0][columns], summaries[1][columns])
+
+
+def emae_jobs_in_squeue() -> list[str]:
+    proc = subprocess.run(["squeue", "-h", "-o", "%j %T"], capture_output=True, text=True, check=True)
+    return [line for line in proc.stdout.splitlines() if line.startswith("emae-")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_snakemake_leaves_no_slurm_job(tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C in the terminal (SIGINT to snakemake's process group), or SIGTERM to the group (a
+    closed tmux pane, `scancel` of a job that runs snakemake) while pre-training runs as SLURM jobs:
+    snakemake exits and squeue has none of its jobs. (SIGTERM to the snakemake process alone is
+    Snakemake's "finish the running jobs, then exit": the jobs then run to their end.)"""
+    assert not emae_jobs_in_squeue(), "another test left emae jobs in the queue"
+    shutil.copytree(PARAMS, tmp_path / "params")
+    xdg = tmp_path / "xdg"
+    install_profile(xdg)
+    long_pretrain = [*OVERRIDES, "pretrain.epochs=500"]
+    argv = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--profile", "slurm",
+            "--config", f"params={tmp_path / 'params'}", "threads=1", "overrides=" + " ".join(long_pretrain)]
+    with (tmp_path / "snakemake.log").open("w") as log:
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=cli_env() | {"XDG_CONFIG_HOME": str(xdg)},
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_until(lambda: any("emae-pretrain RUNNING" in j for j in emae_jobs_in_squeue()), 180,
+                       "a pre-training job running in SLURM")
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    wait_until(lambda: not emae_jobs_in_squeue(), 30, "the emae jobs to leave squeue")
+    rule_logs = "".join(p.read_text() for p in (tmp_path / "logs" / "pretrain").glob("*/*.log"))
+    assert "cancelled SLURM job" in rule_logs, rule_logs[-3000:]
