@@ -245,6 +245,39 @@ def test_segment_resume_matches_uninterrupted_run(encoder: Path, dense_root: Pat
         seg.segment(tiny("segment", dense_root, "segment.iterations=4", "segment.lr=0.5"), encoder, broken)
 
 
+@pytest.mark.parametrize("section, keys", [("segment", ("seg_miou", "seg_pixel_acc")),
+                                           ("detect", ("det_ap_box", "det_ap_mask"))])
+def test_two_process_ddp_with_accumulation(encoder: Path, dense_root: Path, tmp_path: Path,
+                                          section: str, keys: tuple[str, ...]) -> None:
+    """torchrun, 2 gloo processes, 2 batches per step: training and the sharded evaluation run; a
+    1-process rerun finds the finished checkpoint, evaluates the whole val set alone and gets the
+    same figures (so the shards covered every image exactly once)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, cli_env
+    from test_ddp import _free_port
+
+    out = tmp_path / section
+    argv = ["-m", "emae.cli", section, "--checkpoint", str(encoder), "-o", str(out), "-p", str(PARAMS),
+            *TINY_OVERRIDES, *stage_overrides(section, dense_root), f"{section}.batch_size=2",
+            f"{section}.accum_iter=2", f"{section}.iterations=3", f"{section}.checkpoint_every=3"]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port", str(_free_port()), *argv],
+                         cwd=REPO, env=cli_env() | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["iterations"] == 3
+    assert [json.loads(line)["iteration"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    run_cli(*argv[2:])  # one process: evaluation only
+    alone = json.loads((out / "metrics.json").read_text())
+    assert alone["world_size"] == 1
+    for key in keys:
+        assert 0.0 <= metrics[key] <= 100.0
+        assert alone[key] == pytest.approx(metrics[key], abs=1e-9), key
+
+
 # ----------------------------------------------------------------------------------- bad input
 
 

@@ -12,7 +12,8 @@
   else (final norm, pyramid, heads) at the top.
 
 Not in this adapter (ViTDet has them): relative position biases and the cls-token-free
-pre-training; the cls token and its position are loaded (every export key loads) but unused.
+pre-training; the cls token and its position are loaded (every export key loads) but unused
+(the cls token is frozen).
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ class ViTDetBackbone(nn.Module):
             raise ConfigError(f"{section}.backbone.global_blocks={global_blocks}: {bad} are not blocks "
                               f"of the encoder (it has blocks 0..{depth - 1})")
         self.vit = vit
+        if vit.cls_token is not None:  # loaded (every export key loads) but unused: not trained,
+            vit.cls_token.requires_grad_(False)  # and DDP needs every trained parameter in the loss
         self.patch_size = int(vit.patch_embed.patch_size[0])
         self.pretrain_grid = tuple(int(g) for g in vit.patch_embed.grid_size)
         self.window_size = window_size

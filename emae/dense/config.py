@@ -69,8 +69,10 @@ class DenseTrainConfig(Section):
     val_split: str
     backbone: BackboneConfig
     iterations: int = Field(gt=0)
-    batch_size: int = Field(gt=0)
-    lr: float = Field(gt=0, description="absolute peak learning rate (top layer)")
+    batch_size: int = Field(gt=0, description="images per device per batch")
+    accum_iter: int = Field(gt=0, description="batches per optimizer step (gradient accumulation)")
+    lr: float = Field(gt=0, description="absolute peak learning rate (top layer), for the step's "
+                                        "batch_size x accum_iter x devices images")
     min_lr: float = Field(ge=0)
     weight_decay: float = Field(ge=0)
     betas: tuple[float, float]

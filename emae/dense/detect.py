@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -37,6 +37,7 @@ from emae.dense.engine import fit
 from emae.errors import EmaeError
 from emae.io import atomic_write_text, write_json
 from emae.seeding import derive_seed, seed_everything
+from emae.train import distributed
 from emae.train.common import add_config_arguments, config_from_args, default_device
 
 log = logging.getLogger("emae.detect")
@@ -95,18 +96,20 @@ def build_detector(backbone: ViTDetBackbone, num_classes: int, cfg: Any, mean: t
 def detect(config: Config, encoder: Path, out: Path) -> dict[str, Any]:
     """Fine-tune Mask R-CNN on cfg.root's train split, evaluate on its val split."""
     cfg = config.section("detect")
-    device = default_device()
     # everything that can be wrong with the input fails here, before the model is built
     train_set = CocoInstances(cfg.root, cfg.train_split, train=True, hflip=cfg.hflip)
     val_set = CocoInstances(cfg.root, cfg.val_split, train=False, hflip=False)
     if val_set.cat_ids != train_set.cat_ids:
         raise EmaeError(f"{val_set.annotation_file}: categories {val_set.cat_ids} differ from "
                         f"{train_set.annotation_file}'s {train_set.cat_ids}")
+    dist_info = distributed.init_distributed()
+    device = default_device()
     seed_everything(derive_seed(cfg.seed, "init"))  # the new layers start the same in every run
     backbone = build_backbone(encoder, cfg.backbone, "detect")
     model = build_detector(backbone, train_set.num_classes, cfg, config.data.mean, config.data.std).to(device)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
 
     def step(model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         images, targets = batch
@@ -116,32 +119,40 @@ def detect(config: Config, encoder: Path, out: Path) -> dict[str, Any]:
 
     model.transform.min_size = tuple(cfg.min_size)
     train = fit(model, train_set, detection_collate, step, cfg, "detect", out, encoder,
-                no_weight_decay(), device)
+                no_weight_decay(), device, dist_info)
     model.transform.min_size = (cfg.test_min_size,)
     start = time.perf_counter()
-    box, mask, summary = evaluate(model, val_set, cfg.eval_batch_size, device)
-    atomic_write_text(out / "coco_eval.txt", summary)
-    metrics = {"det_ap_box": box["ap"], "det_ap_mask": mask["ap"],
-               **{f"det_{k}_box": v for k, v in box.items() if k != "ap"},
-               **{f"det_{k}_mask": v for k, v in mask.items() if k != "ap"},
-               "iterations": cfg.iterations, "train_seconds": train["train_seconds"],
-               "final_loss": train["final_loss"], "eval_seconds": time.perf_counter() - start,
-               "num_val_images": len(val_set), "encoder": str(encoder)}
-    write_json(out / "metrics.json", metrics)
+    detections = predict(model, val_set, cfg.eval_batch_size, device, dist_info)
+    metrics: dict[str, Any] = {}
+    if dist_info.is_main:
+        box, mask, summary = coco_evaluate(val_set, detections)
+        atomic_write_text(out / "coco_eval.txt", summary)
+        metrics = {"det_ap_box": box["ap"], "det_ap_mask": mask["ap"],
+                   **{f"det_{k}_box": v for k, v in box.items() if k != "ap"},
+                   **{f"det_{k}_mask": v for k, v in mask.items() if k != "ap"},
+                   "iterations": cfg.iterations, "train_seconds": train["train_seconds"],
+                   "final_loss": train["final_loss"], "eval_seconds": time.perf_counter() - start,
+                   "num_val_images": len(val_set), "world_size": dist_info.world_size,
+                   "encoder": str(encoder)}
+        write_json(out / "metrics.json", metrics)
+    distributed.barrier(dist_info)
+    distributed.cleanup(dist_info)
     return metrics
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: CocoInstances, batch_size: int, device: torch.device
-             ) -> tuple[dict[str, float], dict[str, float], str]:
-    """COCO AP (percent) of boxes and masks on `dataset`, and COCOeval's printed summary."""
+def predict(model: torch.nn.Module, dataset: CocoInstances, batch_size: int, device: torch.device,
+            dist_info: distributed.DistInfo = distributed.DistInfo()) -> list[dict[str, Any]]:
+    """COCO-format results (box and RLE mask per detection) of the whole `dataset`; with several
+    ranks each predicts its strided share and every rank returns all of them."""
     from pycocotools import mask as mask_utils
 
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=detection_collate)
-    boxes_out: list[dict[str, Any]] = []
-    masks_out: list[dict[str, Any]] = []
-    for images, targets in tqdm(loader, desc="detect eval", unit="batch", leave=False):
+    share = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
+    loader = DataLoader(share, batch_size=batch_size, collate_fn=detection_collate)
+    detections: list[dict[str, Any]] = []
+    for images, targets in tqdm(loader, desc="detect eval", unit="batch", leave=False,
+                                disable=not dist_info.is_main):
         outputs = model([i.to(device) for i in images])
         for target, output in zip(targets, outputs):
             boxes = output["boxes"].cpu()
@@ -150,13 +161,24 @@ def evaluate(model: torch.nn.Module, dataset: CocoInstances, batch_size: int, de
             for k in range(len(boxes)):
                 rle = mask_utils.encode(np.asfortranarray(masks[k]))
                 rle["counts"] = rle["counts"].decode("ascii")
-                common = {"image_id": target["image_id"], "score": float(output["scores"][k]),
-                          "category_id": dataset.cat_ids[int(output["labels"][k]) - 1]}
-                # separate lists: with a bbox, loadRes would take the box area for segm's size ranges
-                boxes_out.append({**common, "bbox": [float(v) for v in boxes[k]]})
-                masks_out.append({**common, "segmentation": rle})
-    box, summary_box = coco_stats(dataset.coco, boxes_out, "bbox")
-    mask, summary_mask = coco_stats(dataset.coco, masks_out, "segm")
+                detections.append({"image_id": target["image_id"], "score": float(output["scores"][k]),
+                                   "category_id": dataset.cat_ids[int(output["labels"][k]) - 1],
+                                   "bbox": [float(v) for v in boxes[k]], "segmentation": rle})
+    if dist_info.enabled:
+        gathered: list[Any] = [None] * dist_info.world_size
+        torch.distributed.all_gather_object(gathered, detections)
+        detections = [d for part in gathered for d in part]
+    return detections
+
+
+def coco_evaluate(dataset: CocoInstances, detections: list[dict[str, Any]]
+                  ) -> tuple[dict[str, float], dict[str, float], str]:
+    """COCO AP (percent) of boxes and masks, and COCOeval's printed summary."""
+    # separate lists: with a bbox, loadRes would take the box area for segm's size ranges
+    boxes = [{k: v for k, v in d.items() if k != "segmentation"} for d in detections]
+    masks = [{k: v for k, v in d.items() if k != "bbox"} for d in detections]
+    box, summary_box = coco_stats(dataset.coco, boxes, "bbox")
+    mask, summary_mask = coco_stats(dataset.coco, masks, "segm")
     return box, mask, f"== bbox ==\n{summary_box}\n== segm ==\n{summary_mask}"
 
 

@@ -4,11 +4,13 @@ iteration schedule (timm: warmup + cosine or multi-step), atomic checkpoints and
 Resume is exact because nothing random depends on how far a process got: the data order and
 each sample's augmentation come from (seed, epoch, index) (`ResumableBatchSampler`,
 `SeededDataset`), and the global RNG (proposal sampling, multi-scale choice, dropout, drop path)
-is reseeded from (seed, iteration) before every step.
+is reseeded from (seed, iteration, batch, rank) before every batch. Several ranks: DDP, each rank
+its share of every step's images; gradient accumulation over `accum_iter` batches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,6 +22,7 @@ from typing import Any, Callable
 import torch
 from timm.optim import param_groups_layer_decay
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -28,7 +31,8 @@ from emae.errors import EmaeError
 from emae.io import atomic_write_text
 from emae.seeding import derive_seed
 from emae.train.checkpoint import load_checkpoint, save_checkpoint
-from emae.train.common import autocast, autocast_dtype
+from emae.train import distributed
+from emae.train.common import autocast, autocast_dtype, optimizer_step
 
 log = logging.getLogger("emae.dense")
 
@@ -65,11 +69,14 @@ def file_digest(path: str | Path) -> str:
 
 def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: StepFn, cfg: Any,
         section: str, out: Path, encoder: str | Path, no_weight_decay: list[str],
-        device: torch.device) -> dict[str, Any]:
-    """Train `model` for cfg.iterations into `out` (resuming from out/checkpoints/last.pt).
-    Returns {"train_seconds", "final_loss"}; the model holds the final weights."""
+        device: torch.device, dist_info: distributed.DistInfo) -> dict[str, Any]:
+    """Train `model` for cfg.iterations optimizer steps into `out` (resuming from
+    out/checkpoints/last.pt). Each step takes cfg.accum_iter batches of cfg.batch_size images on
+    every rank (DDP when there are several). Returns {"train_seconds", "final_loss"}; the model
+    holds the final weights on every rank."""
     ckpt_path = out / "checkpoints" / "last.pt"
-    settings = {"section": section, "params": cfg.model_dump(mode="json"), "encoder": file_digest(encoder)}
+    settings = {"section": section, "params": cfg.model_dump(mode="json"), "encoder": file_digest(encoder),
+                "world_size": dist_info.world_size}
     optimizer, scheduler = build_optimizer(model, cfg, no_weight_decay)
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -81,56 +88,78 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         iteration, elapsed, last_loss = state["iteration"], state["elapsed_seconds"], state["loss"]
-        log.info("resuming %s at iteration %d/%d", ckpt_path, iteration, cfg.iterations)
+        if dist_info.is_main:
+            log.info("resuming %s at iteration %d/%d", ckpt_path, iteration, cfg.iterations)
     if iteration >= cfg.iterations:
         return {"train_seconds": elapsed, "final_loss": last_loss}
 
-    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.seed)
-    per_epoch = len(sampler)
+    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.seed, dist_info.rank,
+                                    dist_info.world_size)
+    per_epoch = len(sampler) // cfg.accum_iter  # optimizer steps
     if per_epoch == 0:
         raise EmaeError(f"{section}: the training set has {len(train_set)} items, fewer than "
-                        f"{section}.batch_size={cfg.batch_size}")
+                        f"{section}.batch_size={cfg.batch_size} x accum_iter={cfg.accum_iter} x "
+                        f"{dist_info.world_size} ranks")
     loader = DataLoader(SeededDataset(train_set), batch_sampler=sampler, collate_fn=collate,
                         num_workers=cfg.num_workers)
-    _truncate_log(out / "log.jsonl", iteration)
+    if dist_info.is_main:
+        _truncate_log(out / "log.jsonl", iteration)
+    train_model = model
+    if dist_info.enabled:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
-    progress = tqdm(total=cfg.iterations, initial=iteration, desc=section, unit="it", dynamic_ncols=True)
+    progress = tqdm(total=cfg.iterations, initial=iteration, desc=section, unit="it", dynamic_ncols=True,
+                    disable=not dist_info.is_main)
     start = time.perf_counter()
+    micro, sums = 0, {}
     while iteration < cfg.iterations:
-        sampler.set_position(iteration // per_epoch, iteration % per_epoch)
+        sampler.set_position(iteration // per_epoch, (iteration % per_epoch) * cfg.accum_iter)
         for batch in loader:
-            torch.manual_seed(derive_seed(cfg.seed, "step", iteration))
+            # proposal sampling, multi-scale choice, dropout, drop path: from (seed, step, batch, rank)
+            torch.manual_seed(derive_seed(cfg.seed, "step", iteration, micro, dist_info.rank))
             scheduler.step_update(iteration)
-            with autocast(device, amp_dtype):
-                losses = step_fn(model, batch)
-            loss = sum(losses.values())
-            if not math.isfinite(float(loss.detach())):
-                raise EmaeError(f"{section}: non-finite loss at iteration {iteration} ("
-                                + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
-                                + f"); the last good checkpoint is kept at {ckpt_path}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
+            last_micro = micro == cfg.accum_iter - 1
+            sync = last_micro or not dist_info.enabled
+            with (contextlib.nullcontext() if sync else train_model.no_sync()):
+                with autocast(device, amp_dtype):
+                    losses = step_fn(train_model, batch)
+                loss = sum(losses.values())
+                if not math.isfinite(float(loss.detach())):
+                    raise EmaeError(f"{section}: non-finite loss at iteration {iteration} ("
+                                    + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+                                    + f"); the last good checkpoint is kept at {ckpt_path}")
+                scaler.scale(loss / cfg.accum_iter).backward()
+            for k, v in {"loss": loss, **losses}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.accum_iter
+            micro += 1
+            if not last_micro:
+                continue
+            optimizer_step(model, optimizer, scaler, cfg.clip_grad)
             iteration += 1
-            last_loss = float(loss.detach())
+            step_losses, micro, sums = sums, 0, {}
+            last_loss = step_losses["loss"]
             progress.update(1)
             if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
-                record = {"iteration": iteration, "loss": last_loss, "lr": _top_lr(optimizer),
-                          **{k: float(v.detach()) for k, v in losses.items()}}
-                _append_jsonl(out / "log.jsonl", record)
+                step_losses = {k: distributed.mean_across(v, dist_info, device) for k, v in step_losses.items()}
+                last_loss = step_losses["loss"]
+                if dist_info.is_main:
+                    _append_jsonl(out / "log.jsonl", {"iteration": iteration, "lr": _top_lr(optimizer),
+                                                      **step_losses})
                 progress.set_postfix(loss=f"{last_loss:.3f}")
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
                 now = elapsed + time.perf_counter() - start
-                save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                            "scaler": scaler.state_dict(), "iteration": iteration,
-                                            "elapsed_seconds": now, "loss": last_loss, "settings": settings})
+                if dist_info.is_main:
+                    save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                                "scaler": scaler.state_dict(), "iteration": iteration,
+                                                "elapsed_seconds": now, "loss": last_loss,
+                                                "settings": settings})
+                distributed.barrier(dist_info)
             if iteration >= cfg.iterations:
                 break
     progress.close()
+    if dist_info.enabled:  # DDP leaves each rank with its own BatchNorm statistics: use rank 0's,
+        for buffer in model.buffers():  # which the checkpoint has, so every rank evaluates one model
+            torch.distributed.broadcast(buffer, src=0)
     return {"train_seconds": elapsed + time.perf_counter() - start, "final_loss": last_loss}
 
 

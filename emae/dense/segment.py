@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision.ops.misc import Conv2dNormActivation
 from tqdm import tqdm
 
@@ -35,6 +35,7 @@ from emae.dense.data import SemanticSegmentation, pad_batch, segmentation_collat
 from emae.dense.engine import fit
 from emae.io import write_json
 from emae.seeding import derive_seed, seed_everything
+from emae.train import distributed
 from emae.train.common import add_config_arguments, config_from_args, default_device
 
 log = logging.getLogger("emae.segment")
@@ -106,15 +107,20 @@ class Segmenter(nn.Module):
 def segment(config: Config, encoder: Path, out: Path) -> dict[str, Any]:
     """Fine-tune the segmenter on cfg.root's train split, evaluate on its val split."""
     cfg = config.section("segment")
-    device = default_device()
     mean, std = config.data.mean, config.data.std
     train_set = SemanticSegmentation(cfg.root, cfg.train_split, cfg, mean, std, train=True)
     val_set = SemanticSegmentation(cfg.root, cfg.val_split, cfg, mean, std, train=False)
+    dist_info = distributed.init_distributed()
+    device = default_device()
     seed_everything(derive_seed(cfg.seed, "init"))  # the new layers start the same in every run
     backbone = build_backbone(encoder, cfg.backbone, "segment", with_pool_level=False)
-    model = Segmenter(backbone, cfg).to(device)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    model = Segmenter(backbone, cfg)
+    if dist_info.enabled and device.type == "cuda":  # mmseg's SyncBN (gloo on CPUs has none)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
     divisor = backbone.size_divisible
 
     def step(model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
@@ -124,29 +130,41 @@ def segment(config: Config, encoder: Path, out: Path) -> dict[str, Any]:
         return {"loss_ce": F.cross_entropy(model(x), y, ignore_index=cfg.ignore_index)}
 
     train = fit(model, train_set, segmentation_collate, step, cfg, "segment", out, encoder,
-                no_weight_decay(), device)
+                no_weight_decay(), device, dist_info)
     start = time.perf_counter()
-    scores = evaluate(model, val_set, cfg.num_classes, cfg.ignore_index, cfg.eval_batch_size, divisor, device)
+    scores = evaluate(model, val_set, cfg.num_classes, cfg.ignore_index, cfg.eval_batch_size, divisor,
+                      device, dist_info)
     metrics = {**scores, "iterations": cfg.iterations, "train_seconds": train["train_seconds"],
                "final_loss": train["final_loss"], "eval_seconds": time.perf_counter() - start,
-               "num_val_images": len(val_set), "encoder": str(encoder)}
-    write_json(out / "metrics.json", metrics)
+               "num_val_images": len(val_set), "world_size": dist_info.world_size, "encoder": str(encoder)}
+    if dist_info.is_main:
+        write_json(out / "metrics.json", metrics)
+    distributed.barrier(dist_info)
+    distributed.cleanup(dist_info)
     return metrics
 
 
 @torch.no_grad()
 def evaluate(model: Segmenter, dataset: SemanticSegmentation, num_classes: int, ignore_index: int,
-             batch_size: int, divisor: int, device: torch.device) -> dict[str, Any]:
+             batch_size: int, divisor: int, device: torch.device,
+             dist_info: distributed.DistInfo = distributed.DistInfo()) -> dict[str, Any]:
+    """Scores on the whole `dataset`; with several ranks each scores its strided share and the
+    confusion matrices are summed."""
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=segmentation_collate)
+    share = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
+    loader = DataLoader(share, batch_size=batch_size, collate_fn=segmentation_collate)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # [truth, prediction]
-    for images, labels in tqdm(loader, desc="segment eval", unit="batch", leave=False):
+    for images, labels in tqdm(loader, desc="segment eval", unit="batch", leave=False,
+                               disable=not dist_info.is_main):
         logits = model(pad_batch(images, divisor).to(device)).float().cpu()
         for k, (image, label) in enumerate(zip(images, labels)):
             pred = logits[k : k + 1, :, : image.shape[-2], : image.shape[-1]]
             pred = F.interpolate(pred, size=label.shape, mode="bilinear", align_corners=False)
             confusion += confusion_matrix(pred[0].argmax(0), label, num_classes, ignore_index)
-    return scores_from_confusion(confusion)
+    if dist_info.enabled:
+        confusion = confusion.to(device)
+        torch.distributed.all_reduce(confusion)
+    return scores_from_confusion(confusion.cpu())
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
