@@ -278,6 +278,29 @@ def test_two_process_ddp_with_accumulation(encoder: Path, dense_root: Path, tmp_
         assert alone[key] == pytest.approx(metrics[key], abs=1e-9), key
 
 
+def test_random_init_baseline_keeps_apart_from_the_pretrained_run(encoder: Path, dense_root: Path,
+                                                                  tmp_path: Path) -> None:
+    """`--random-init`: the export's architecture with the weights pre-training starts from; a
+    rerun into its folder with the pre-trained weights is refused, not resumed."""
+    from emae.dense.backbone import build_backbone
+    from emae.models.export import load_encoder
+
+    cfg = tiny("segment", dense_root).section("segment").backbone
+    pretrained = load_encoder(encoder).state_dict()
+    fresh = build_backbone(encoder, cfg, "segment", random_init=True).vit.state_dict()
+    assert fresh.keys() == pretrained.keys()
+    assert not fresh["blocks.0.attn.qkv.weight"].equal(pretrained["blocks.0.attn.qkv.weight"])
+    assert fresh["pos_embed"].equal(pretrained["pos_embed"])  # fixed sin-cos in both
+
+    out = tmp_path / "segment"
+    args = ["segment", "--checkpoint", str(encoder), "-o", str(out), "-p", str(PARAMS)]
+    overrides = [*TINY_OVERRIDES, *stage_overrides("segment", dense_root), "segment.iterations=2"]
+    run_cli(*args, "--random-init", *overrides)
+    assert json.loads((out / "metrics.json").read_text())["random_init"] is True
+    again = run_cli(*args, *overrides, check=False)
+    assert again.returncode != 0 and "another encoder (export or --random-init)" in again.stderr
+
+
 # ----------------------------------------------------------------------------------- bad input
 
 

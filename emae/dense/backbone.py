@@ -30,7 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from emae.errors import ConfigError
-from emae.models.export import load_encoder
+from emae.models.export import encoder_kwargs, load_encoder, reinitialise
 
 VIT_PREFIX = "backbone.vit."
 
@@ -149,8 +149,11 @@ class ViTDetBackbone(nn.Module):
 
 
 def build_backbone(checkpoint: str | Path, cfg: Any, section: str,
-                   with_pool_level: bool = True) -> ViTDetBackbone:
-    """The adapter around an `emae pretrain` encoder export; `cfg` is `<section>.backbone`."""
+                   with_pool_level: bool = True, random_init: bool = False) -> ViTDetBackbone:
+    """The adapter around an `emae pretrain` encoder export; `cfg` is `<section>.backbone`.
+    `random_init`: the export's architecture with the weights pre-training starts from."""
     vit = load_encoder(checkpoint, drop_path_rate=cfg.drop_path)
+    if random_init:
+        reinitialise(vit, encoder_kwargs(checkpoint))
     return ViTDetBackbone(vit, cfg.window_size, cfg.global_blocks, cfg.scale_factors,
                           cfg.out_channels, with_pool_level, section)

@@ -33,7 +33,8 @@ from tqdm import tqdm
 from emae.config import Config, save_config
 from emae.dense.backbone import ViTDetBackbone, build_backbone, no_weight_decay, vit_group_matcher
 from emae.dense.data import CocoInstances, detection_collate
-from emae.dense.engine import fit
+from emae.dense.engine import encoder_origin, fit
+from emae.eval.features import add_random_init_argument
 from emae.errors import EmaeError
 from emae.io import atomic_write_text, write_json
 from emae.seeding import derive_seed, seed_everything
@@ -55,12 +56,13 @@ class ViTMaskRCNN(MaskRCNN):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="ENCODER",
                         help="encoder export of `emae pretrain` (runs/<variant>/encoder.safetensors)")
+    add_random_init_argument(parser)
     add_config_arguments(parser, out_required=True)
 
 
 def run(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    metrics = detect(config_from_args(args), Path(args.checkpoint), Path(args.out))
+    metrics = detect(config_from_args(args), Path(args.checkpoint), Path(args.out), args.random_init)
     print(json.dumps(metrics, indent=2, sort_keys=True))
 
 
@@ -93,7 +95,7 @@ def build_detector(backbone: ViTDetBackbone, num_classes: int, cfg: Any, mean: t
     )
 
 
-def detect(config: Config, encoder: Path, out: Path) -> dict[str, Any]:
+def detect(config: Config, encoder: Path, out: Path, random_init: bool = False) -> dict[str, Any]:
     """Fine-tune Mask R-CNN on cfg.root's train split, evaluate on its val split."""
     cfg = config.section("detect")
     # everything that can be wrong with the input fails here, before the model is built
@@ -105,7 +107,7 @@ def detect(config: Config, encoder: Path, out: Path) -> dict[str, Any]:
     dist_info = distributed.init_distributed()
     device = default_device()
     seed_everything(derive_seed(cfg.seed, "init"))  # the new layers start the same in every run
-    backbone = build_backbone(encoder, cfg.backbone, "detect")
+    backbone = build_backbone(encoder, cfg.backbone, "detect", random_init=random_init)
     model = build_detector(backbone, train_set.num_classes, cfg, config.data.mean, config.data.std).to(device)
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -118,8 +120,8 @@ def detect(config: Config, encoder: Path, out: Path) -> dict[str, Any]:
         return model(images, targets)
 
     model.transform.min_size = tuple(cfg.min_size)
-    train = fit(model, train_set, detection_collate, step, cfg, "detect", out, encoder,
-                no_weight_decay(), device, dist_info)
+    train = fit(model, train_set, detection_collate, step, cfg, "detect", out,
+                encoder_origin(encoder, random_init), no_weight_decay(), device, dist_info)
     model.transform.min_size = (cfg.test_min_size,)
     start = time.perf_counter()
     detections = predict(model, val_set, cfg.eval_batch_size, device, dist_info)
@@ -133,7 +135,7 @@ def detect(config: Config, encoder: Path, out: Path) -> dict[str, Any]:
                    "iterations": cfg.iterations, "train_seconds": train["train_seconds"],
                    "final_loss": train["final_loss"], "eval_seconds": time.perf_counter() - start,
                    "num_val_images": len(val_set), "world_size": dist_info.world_size,
-                   "encoder": str(encoder)}
+                   "random_init": random_init, "encoder": str(encoder)}
         write_json(out / "metrics.json", metrics)
     distributed.barrier(dist_info)
     distributed.cleanup(dist_info)

@@ -67,15 +67,21 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def encoder_origin(encoder: str | Path, random_init: bool) -> str:
+    """What the backbone starts from, for the resume check: the export's digest (+ random init)."""
+    return ("random-init of " if random_init else "") + file_digest(encoder)
+
+
 def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: StepFn, cfg: Any,
-        section: str, out: Path, encoder: str | Path, no_weight_decay: list[str],
+        section: str, out: Path, encoder: str, no_weight_decay: list[str],
         device: torch.device, dist_info: distributed.DistInfo) -> dict[str, Any]:
     """Train `model` for cfg.iterations optimizer steps into `out` (resuming from
-    out/checkpoints/last.pt). Each step takes cfg.accum_iter batches of cfg.batch_size images on
-    every rank (DDP when there are several). Returns {"train_seconds", "final_loss"}; the model
-    holds the final weights on every rank."""
+    out/checkpoints/last.pt; `encoder` names the backbone's start, see `encoder_origin`). Each
+    step takes cfg.accum_iter batches of cfg.batch_size images on every rank (DDP when there are
+    several). Returns {"train_seconds", "final_loss"}; the model holds the final weights on every
+    rank."""
     ckpt_path = out / "checkpoints" / "last.pt"
-    settings = {"section": section, "params": cfg.model_dump(mode="json"), "encoder": file_digest(encoder),
+    settings = {"section": section, "params": cfg.model_dump(mode="json"), "encoder": encoder,
                 "world_size": dist_info.world_size}
     optimizer, scheduler = build_optimizer(model, cfg, no_weight_decay)
     amp_dtype = autocast_dtype(cfg.amp, device)
@@ -170,7 +176,8 @@ def _top_lr(optimizer: torch.optim.Optimizer) -> float:
 def _check_same_run(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
     """Resuming with other params or another encoder would silently mix two runs."""
     if saved["encoder"] != now["encoder"]:
-        raise EmaeError(f"{path} was trained from another encoder export; use another --out or move it away")
+        raise EmaeError(f"{path} was trained from another encoder (export or --random-init); use another "
+                        "--out or move it away")
     changed = [f"{saved['section']}.{k}: {saved['params'].get(k)!r} -> {v!r}"
                for k, v in now["params"].items()
                if k not in RESUMABLE_KEYS and saved["params"].get(k) != v]

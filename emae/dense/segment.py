@@ -32,7 +32,8 @@ from tqdm import tqdm
 from emae.config import Config, save_config
 from emae.dense.backbone import ViTDetBackbone, build_backbone, no_weight_decay, vit_group_matcher
 from emae.dense.data import SemanticSegmentation, pad_batch, segmentation_collate
-from emae.dense.engine import fit
+from emae.dense.engine import encoder_origin, fit
+from emae.eval.features import add_random_init_argument
 from emae.io import write_json
 from emae.seeding import derive_seed, seed_everything
 from emae.train import distributed
@@ -44,12 +45,13 @@ log = logging.getLogger("emae.segment")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="ENCODER",
                         help="encoder export of `emae pretrain` (runs/<variant>/encoder.safetensors)")
+    add_random_init_argument(parser)
     add_config_arguments(parser, out_required=True)
 
 
 def run(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    metrics = segment(config_from_args(args), Path(args.checkpoint), Path(args.out))
+    metrics = segment(config_from_args(args), Path(args.checkpoint), Path(args.out), args.random_init)
     print(json.dumps({k: v for k, v in metrics.items() if k != "seg_iou_per_class"}, indent=2, sort_keys=True))
 
 
@@ -104,7 +106,7 @@ class Segmenter(nn.Module):
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def segment(config: Config, encoder: Path, out: Path) -> dict[str, Any]:
+def segment(config: Config, encoder: Path, out: Path, random_init: bool = False) -> dict[str, Any]:
     """Fine-tune the segmenter on cfg.root's train split, evaluate on its val split."""
     cfg = config.section("segment")
     mean, std = config.data.mean, config.data.std
@@ -113,7 +115,8 @@ def segment(config: Config, encoder: Path, out: Path) -> dict[str, Any]:
     dist_info = distributed.init_distributed()
     device = default_device()
     seed_everything(derive_seed(cfg.seed, "init"))  # the new layers start the same in every run
-    backbone = build_backbone(encoder, cfg.backbone, "segment", with_pool_level=False)
+    backbone = build_backbone(encoder, cfg.backbone, "segment", with_pool_level=False,
+                              random_init=random_init)
     model = Segmenter(backbone, cfg)
     if dist_info.enabled and device.type == "cuda":  # mmseg's SyncBN (gloo on CPUs has none)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -129,14 +132,15 @@ def segment(config: Config, encoder: Path, out: Path) -> dict[str, Any]:
         y = pad_batch([l.unsqueeze(0) for l in labels], divisor, cfg.ignore_index)[:, 0].to(device)
         return {"loss_ce": F.cross_entropy(model(x), y, ignore_index=cfg.ignore_index)}
 
-    train = fit(model, train_set, segmentation_collate, step, cfg, "segment", out, encoder,
-                no_weight_decay(), device, dist_info)
+    train = fit(model, train_set, segmentation_collate, step, cfg, "segment", out,
+                encoder_origin(encoder, random_init), no_weight_decay(), device, dist_info)
     start = time.perf_counter()
     scores = evaluate(model, val_set, cfg.num_classes, cfg.ignore_index, cfg.eval_batch_size, divisor,
                       device, dist_info)
     metrics = {**scores, "iterations": cfg.iterations, "train_seconds": train["train_seconds"],
                "final_loss": train["final_loss"], "eval_seconds": time.perf_counter() - start,
-               "num_val_images": len(val_set), "world_size": dist_info.world_size, "encoder": str(encoder)}
+               "num_val_images": len(val_set), "world_size": dist_info.world_size,
+               "random_init": random_init, "encoder": str(encoder)}
     if dist_info.is_main:
         write_json(out / "metrics.json", metrics)
     distributed.barrier(dist_info)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from emae.errors import EmaeError
-from emae.models.export import encoder_kwargs, load_encoder
+from emae.models.export import encoder_kwargs, load_encoder, reinitialise
 from emae.seeding import derive_seed, seed_everything
 from emae.train.common import autocast
 from emae.train.distributed import DistInfo
@@ -66,11 +66,7 @@ def build_encoder(path: str | Path, data_cfg: Any, random_init: bool = False, se
     seed_everything(derive_seed(seed, "init"))  # heads and random baselines: same on every rank
     encoder = load_encoder(path, **timm_overrides)
     if random_init:
-        from emae.models.emae import EMAE
-
-        fresh = EMAE(**kwargs, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=1).encoder
-        missing, unexpected = encoder.load_state_dict(fresh.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith(("head.", "fc_norm.")) for k in missing)
+        reinitialise(encoder, kwargs)
     return encoder
 
 

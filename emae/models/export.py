@@ -48,6 +48,16 @@ def load_encoder(path: str | Path, **timm_overrides: Any) -> VisionTransformer:
     return model
 
 
+def reinitialise(encoder: VisionTransformer, kwargs: dict[str, Any]) -> None:
+    """Give `encoder` (built from an export with timm `kwargs`) the weights pre-training starts
+    from (sin-cos positions, xavier): the random-init baseline of the evaluations. Seed first."""
+    from emae.models.emae import EMAE
+
+    fresh = EMAE(**kwargs, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=1).encoder
+    missing, unexpected = encoder.load_state_dict(fresh.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("head.", "fc_norm.")) for k in missing)
+
+
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path,
                      allowed_missing: tuple[str, ...] = ()) -> None:
     """Raise an error listing missing, unexpected and wrongly shaped keys."""
