@@ -58,8 +58,9 @@ def grid(ratios: list[float], parts: list[int]) -> list[str]:
 
 
 def config_64(*extra: str):
-    """Params of the default 32x32 model (L = 64 patches): the space tests need no data."""
-    return load_config([PARAMS], list(extra))
+    """Params of the default 32x32 model with patch 4 (L = 64 patches: more (K, r) cells than the
+    default's 16); the space tests need no data."""
+    return load_config([PARAMS], ["model.patch_size=4", *extra])
 
 
 def space_of(*extra: str) -> SearchSpace:
