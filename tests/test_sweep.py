@@ -33,6 +33,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 SMALL = [o for o in TINY_OVERRIDES if not o.startswith(("pretrain.batch_size", "pretrain.checkpoint_every"))] + [
     "pretrain.batch_size=16", "pretrain.checkpoint_every_steps=2", "sweep.pruner=none",
     "sweep.poll_seconds=0.3", "sweep.heartbeat_seconds=1", "sweep.stale_after_seconds=30",
+    "sweep.budget.warmup_epochs=0.5", "sweep.prune_every_epochs=1",  # budgets of 1-3 epochs
 ]
 
 
@@ -450,16 +451,27 @@ def test_multi_objective_results_keep_the_pareto_front(small_digits: Path, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("snakemake") is None, reason="snakemake is not installed")
-def test_snakemake_sweep_target_runs_emae_sweep_through_the_launcher(small_digits: Path, tmp_path: Path) -> None:
-    """`snakemake sweep` (dry run): one sweep job, `emae launch --stage sweep -- sweep -o ...`."""
-    extra = " ".join(overrides(small_digits, *[g.replace(" ", "") for g in grid([0.75], [1, 2])]))
-    result = subprocess.run(
-        ["snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "1", "-n", "-p",
-         "sweep", "--config", f"params={PARAMS}", f"overrides={extra}"],
-        capture_output=True, text=True, env=cli_env(), timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    text = result.stdout + result.stderr
+def test_snakemake_sweep_target_runs_the_study_and_a_rerun_is_a_no_op(small_digits: Path, tmp_path: Path) -> None:
+    """`snakemake sweep`: one job, `emae launch --stage sweep -- sweep -o ...`, that leaves the
+    table, best params and plots; a second `snakemake sweep` has nothing to do."""
+    extra = " ".join(overrides(small_digits, *[g.replace(" ", "") for g in grid([0.75], [1, 2])],
+                               "sweep.budget.epochs=1", "pipeline.stages.prepare=false"))
+
+    def snakemake() -> str:
+        result = subprocess.run(
+            ["snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "1", "-p",
+             "sweep", "--config", f"params={PARAMS}", f"overrides={extra}"],
+            capture_output=True, text=True, env=cli_env(), timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout + result.stderr
+
+    text = snakemake()
     assert "rule sweep_study:" in text and "wildcards: study=k_mask_ratio" in text
     assert "emae.cli launch --stage sweep -- sweep -p" in text
-    assert "-o results/sweeps/k_mask_ratio" in text
     assert "pretrain" not in [line.split()[0] for line in text.splitlines() if line.startswith("rule ")]
+    out = tmp_path / "results" / "sweeps" / "k_mask_ratio"
+    table = pd.read_csv(out / "trials.csv")
+    assert sorted(table["params_num_parts"]) == [1, 2] and (table["state"] == "COMPLETE").all()
+    assert yaml.safe_load((out / "best.yaml").read_text())["model"]["mask_ratio"] == 0.75
+    assert (out / "plots" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Nothing to be done" in snakemake()
