@@ -2,7 +2,12 @@
 pre-trained by `emae pretrain` beats the same architecture randomly initialised (as pre-training
 starts) on kNN and on the linear probe. Pre-training is the default pipeline's `mae` variant (K=1,
 lambda=0: 2.5x faster than EMAE on the CPU), 50 epochs (2 min); both variants' figures are in
-docs/evaluation.md (30 epochs are not enough: kNN 66.7 vs 66.4)."""
+docs/evaluation.md (30 epochs are not enough: kNN 66.7 vs 66.4).
+
+Dense transfer needs a better encoder: after 100 epochs (kNN ~90) the pre-trained encoder
+fine-tunes to a clearly better segmenter than a random one on generated canvases of single
+digits at the pre-training scale; on the default multi-digit canvases it does not yet
+(docs/dense.md, "Where the gap comes from")."""
 
 from __future__ import annotations
 
@@ -14,19 +19,29 @@ from conftest import PARAMS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
+
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
-    """(overrides, encoder export) of a default-params MAE pre-trained on the embedded 32 px set."""
-    from emae.config import load_config
+def digits32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from emae.data.prepare import prepare_digits
-    from emae.train.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("digits32")
     prepare_digits(root, image_size=32, val_fraction=0.2, seed=0)
+    return root
+
+
+def pretrain_mae(root: Path, out: Path, *extra: str) -> tuple[list[str], Path]:
+    """(overrides, encoder export) of a default-params MAE pre-trained on the embedded 32 px set."""
+    from emae.config import load_config
+    from emae.train.pretrain import pretrain
+
     overrides = [f"data.root={root}", "model.num_parts=1", "model.consistency_weight=0"]
-    out = tmp_path_factory.mktemp("mae")
-    pretrain(load_config([PARAMS], overrides), out)
+    pretrain(load_config([PARAMS], [*overrides, *extra]), out)
     return overrides, out / "encoder.safetensors"
+
+
+@pytest.fixture(scope="module")
+def pretrained(digits32: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
+    return pretrain_mae(digits32, tmp_path_factory.mktemp("mae"))
 
 
 def test_knn_and_linear_probe_beat_random_init(pretrained: tuple[list[str], Path], tmp_path: Path) -> None:
@@ -42,3 +57,23 @@ def test_knn_and_linear_probe_beat_random_init(pretrained: tuple[list[str], Path
     probe_random = evaluate_linprobe(config, encoder, tmp_path / "probe_random", random_init=True)["top1"]
     assert knn > knn_random + 5, (knn, knn_random)
     assert probe > probe_random + 1, (probe, probe_random)
+
+
+def test_segmentation_fine_tuned_from_a_longer_pretraining_beats_random_init(
+        digits32: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    from emae.config import load_config
+    from emae.dense.generate import prepare_dense
+    from emae.dense.segment import segment
+
+    overrides, encoder = pretrain_mae(digits32, tmp_path_factory.mktemp("mae100"),
+                                      "pretrain.epochs=100", "pretrain.warmup_epochs=5")
+    # one digit per canvas at the pre-training scale: 1,000 train / 300 val canvases of 32 px
+    dense = ["dense_data.canvas_size=32", "dense_data.min_digit_size=32", "dense_data.max_digit_size=32",
+             "dense_data.max_objects=1", "dense_data.num_train=1000", "dense_data.num_val=300",
+             f"segment.root={tmp_path / 'dense' / 'ade'}", "segment.crop_size=32"]
+    config = load_config([PARAMS], [*overrides, *dense])
+    prepare_dense(tmp_path / "dense", config.section("dense_data"), 0.2, 0)
+    pre = segment(config, encoder, tmp_path / "pre")
+    rand = segment(config, encoder, tmp_path / "random", random_init=True)
+    assert pre["iterations"] == rand["iterations"] == config.section("segment").iterations
+    assert pre["seg_miou"] > rand["seg_miou"] + 5, (pre["seg_miou"], rand["seg_miou"])
