@@ -69,6 +69,13 @@ def test_snakemake_runs_the_whole_dag_and_reruns_nothing(tmp_path: Path) -> None
 
     again = _run([*snakemake, "-n"], tmp_path, cli_env())
     assert "Nothing to be done" in again.stdout + again.stderr
+    # switching more stages on plans only their jobs and the report, not the finished ones
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(
+        {"overrides": [*TINY, "pipeline.stages.prepare_dense=true", "pipeline.stages.segment=true"], "threads": 1}))
+    plan = _run([*snakemake[:-1], "more.yaml", "-n"], tmp_path, cli_env())
+    planned = {line.split()[1].rstrip(":") for line in (plan.stdout + plan.stderr).splitlines()
+               if line.startswith(("rule ", "localrule "))}
+    assert planned == {"prepare_dense", "segment", "report", "all"}, planned
     html = tmp_path / "report.html"
     _run([*snakemake, "--report", str(html)], tmp_path, cli_env())
     text = html.read_text()

@@ -70,13 +70,24 @@ def stage_params(stage):
     return lambda wildcards: PIPELINE.param_values(job_of(stage, wildcards))
 
 
+def job_overrides(stage):
+    """The user's overrides on a job's command line. Switching another stage on or off
+    (`pipeline.stages.S=...`) changes which jobs exist, not what this one computes, so those
+    toggles stay off its command line: Snakemake reruns a job whose command line changed. Kept:
+    the job's own toggle, `prepare` (it decides where the data comes from) and, for the report
+    (it collects every stage's results), all of them."""
+    keep = {f"pipeline.stages.{stage}", "pipeline.stages.prepare"}
+    return [o for o in PIPELINE.overrides
+            if stage == "report" or not o.startswith("pipeline.stages.") or o.split("=", 1)[0] in keep]
+
+
 def stage_args(stage):
     """The arguments of `emae stage` for one job; its log names the full command line."""
     def args(wildcards):
         run = _run(wildcards)
         argv = [stage, *(["--variant", run.variant, "--seed", str(run.seed)] if run else []),
                 "-p", PIPELINE.params, *(["--preset", PIPELINE.preset] if PIPELINE.preset else []),
-                *launcher_args(stage), *PIPELINE.overrides]
+                *launcher_args(stage), *job_overrides(stage)]
         return shlex.join(argv)
     return args
 

@@ -28,7 +28,7 @@ def sweep_launcher_args():
 def sweep_args(wildcards):
     argv = ["launch", "--stage", "sweep", *sweep_launcher_args(), "--",
             "sweep", "-p", PIPELINE.params, *(["--preset", PIPELINE.preset] if PIPELINE.preset else []),
-            "-o", f"{SWEEP_DIR}/{wildcards.study}", *PIPELINE.overrides]
+            "-o", f"{SWEEP_DIR}/{wildcards.study}", *job_overrides("sweep")]
     return shlex.join(argv)
 
 
