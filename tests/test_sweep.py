@@ -468,6 +468,7 @@ def test_snakemake_sweep_target_runs_the_study_and_a_rerun_is_a_no_op(small_digi
     text = snakemake()
     assert "rule sweep_study:" in text and "wildcards: study=k_mask_ratio" in text
     assert "emae.cli launch --stage sweep -- sweep -p" in text
+    assert "-o results/sweeps/k_mask_ratio" in text
     assert "pretrain" not in [line.split()[0] for line in text.splitlines() if line.startswith("rule ")]
     out = tmp_path / "results" / "sweeps" / "k_mask_ratio"
     table = pd.read_csv(out / "trials.csv")
