@@ -409,7 +409,14 @@ def test_pruned_after_the_first_reported_epoch(small_digits: Path, tmp_path: Pat
     folder = tmp_path / "trials" / str(trial.number)
     assert len((folder / "log.jsonl").read_text().splitlines()) == 1  # stopped after epoch 1 of 3
     assert (folder / "checkpoints" / "last.pt").exists() and not (folder / "metrics.json").exists()
-    assert study.trials[trial.number].user_attrs["pruned_at_epoch"] == 1
+    pruned = study.trials[trial.number]
+    assert pruned.user_attrs["pruned_at_epoch"] == 1
+    # the heatmap's cell of a pruned point shows the score it was pruned with
+    from emae.sweep.results import pruned_labels, trials_table
+
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)  # as the worker does
+    cell = (pruned.params["num_parts"], pruned.params["mask_ratio"])
+    assert pruned_labels(sweep, trials_table(study)) == {cell: f"pruned\n{pruned.intermediate_values[1]:.1f} @ ep 1"}
 
 
 def test_time_budget_stops_at_the_first_knn_epoch_past_it(small_digits: Path, tmp_path: Path) -> None:

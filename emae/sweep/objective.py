@@ -84,6 +84,7 @@ def run_trial(trial: optuna.Trial, out: Path, base: dict[str, Any], sweep: Sweep
             trial.report(stats["knn_top1"], stats["epoch"])
             if trial.should_prune():
                 trial.set_user_attr("pruned_at_epoch", stats["epoch"])
+                trial.set_user_attr("pruned_score", stats["knn_top1"])  # shown in the heatmap's cell
                 raise optuna.TrialPruned(f"kNN top-1 {stats['knn_top1']:.2f} at epoch {stats['epoch']}")
         spent = sweep.budget.seconds is not None and stats["pretrain_seconds"] >= sweep.budget.seconds
         if spent and (has_knn or sweep.objective != "knn"):  # a kNN score needs a kNN epoch

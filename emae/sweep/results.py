@@ -93,16 +93,32 @@ def _score_column(df: pd.DataFrame) -> str:
     return candidates[0]
 
 
+def pruned_labels(sweep: Sweep, df: pd.DataFrame) -> dict[tuple[int, float], str]:
+    """(K, mask ratio) -> 'pruned' with the best last reported score of that cell's pruned trials."""
+    model = sweep.base["model"]
+    pruned = df[df["state"] == "PRUNED"]
+    k = pruned.get("params_num_parts", pd.Series(model["num_parts"], index=pruned.index))
+    r = pruned.get("params_mask_ratio", pd.Series(model["mask_ratio"], index=pruned.index))
+    score = pruned.get("user_attrs_pruned_score", pd.Series(float("nan"), index=pruned.index))
+    epoch = pruned.get("user_attrs_pruned_at_epoch", pd.Series(float("nan"), index=pruned.index))
+    labels: dict[tuple[int, float], str] = {}
+    best: dict[tuple[int, float], float] = {}
+    for cell, value, at in zip(zip(k.astype(int), r.astype(float)), score, epoch):
+        if pd.isna(value):  # pruned before this attribute existed
+            labels.setdefault(cell, "pruned")
+        elif value > best.get(cell, float("-inf")):
+            best[cell] = value
+            labels[cell] = f"pruned\n{value:.1f} @ ep {int(at)}"
+    return labels
+
+
 def plot_heatmap(sweep: Sweep, df: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
     table = heatmap_frame(sweep, df)
     L = sweep.space.num_patches
-    model = sweep.base["model"]
-    pruned = df[df["state"] == "PRUNED"]
-    pruned_cells = set(zip(pruned.get("params_num_parts", pd.Series(model["num_parts"], index=pruned.index)),
-                           pruned.get("params_mask_ratio", pd.Series(model["mask_ratio"], index=pruned.index))))
+    pruned = pruned_labels(sweep, df)
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(table.columns), 1.0 + 0.6 * len(table.index)))
     image = ax.imshow(table.to_numpy(dtype=float), cmap="viridis", aspect="auto", origin="lower")
     for i, k in enumerate(table.index):
@@ -113,8 +129,8 @@ def plot_heatmap(sweep: Sweep, df: pd.DataFrame, path: Path) -> None:
                                            edgecolor="0.6", linewidth=0))
             elif not np.isnan(value):
                 ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="w", fontsize=9)
-            elif (k, r) in pruned_cells:
-                ax.text(j, i, "pruned", ha="center", va="center", color="0.4", fontsize=8)
+            elif (k, r) in pruned:
+                ax.text(j, i, pruned[k, r], ha="center", va="center", color="0.4", fontsize=8)
     ax.set_xticks(range(len(table.columns)), [f"{r:g}" for r in table.columns])
     ax.set_yticks(range(len(table.index)), [str(k) for k in table.index])
     ax.set_xlabel("mask ratio r")
