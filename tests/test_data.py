@@ -75,6 +75,8 @@ def test_sampler_resumes_mid_epoch_and_shards_ranks() -> None:
     other_epoch = ResumableBatchSampler(100, 8, seed=3)
     other_epoch.set_position(1)
     assert list(other_epoch) != full
+    # with 5 batches per optimizer step, an epoch of 12 batches yields 2 whole steps
+    assert list(ResumableBatchSampler(100, 8, seed=3, accum_iter=5)) == full[:10]
 
 
 def test_seeded_augmentation_depends_only_on_the_seed(digits_root: Path) -> None:

@@ -68,6 +68,27 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path, tiny_overrides: list[str]
     assert steps == sorted(set(steps)), "steps logged twice after the resume"
 
 
+class _StopAfterFirstEpoch(Exception):
+    pass
+
+
+def _stop_after_first_epoch(stats: dict) -> None:
+    raise _StopAfterFirstEpoch
+
+
+def test_gradient_accumulation_leaves_nothing_over_at_an_epoch_end(tmp_path: Path,
+                                                                   tiny_overrides: list[str]) -> None:
+    # 1437 // 64 = 22 batches, 7 steps of 3: the 22nd batch must not reach the next epoch's first step
+    config = load_config(CORE_PARAMS, tiny_overrides + ["pretrain.accum_iter=3", "pretrain.checkpoint_every_steps=100"])
+    reference = pretrain(config, tmp_path / "reference")
+    assert reference["steps"] == 2 * 7
+    with pytest.raises(_StopAfterFirstEpoch):  # killed at the end of epoch 1, after its checkpoint
+        pretrain(config, tmp_path / "resumed", epoch_callback=_stop_after_first_epoch)
+    assert pretrain(config, tmp_path / "resumed")["steps"] == 2 * 7
+    ref, res = _final_weights(tmp_path / "reference"), _final_weights(tmp_path / "resumed")
+    assert all(torch.equal(ref[k], res[k]) for k in ref)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, tiny_overrides: list[str]) -> None:
     config = load_config(CORE_PARAMS, tiny_overrides + ["pretrain.blr=1e30", "pretrain.warmup_epochs=0",
                                                      "pretrain.checkpoint_every_steps=1"])

@@ -17,12 +17,19 @@ from emae.seeding import derive_seed, seeded
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Yields batches of (dataset index, augmentation seed); drops the last incomplete batch."""
+    """Yields batches of (dataset index, augmentation seed); drops the last incomplete batch.
+
+    With gradient accumulation (`accum_iter` batches per optimizer step) an epoch yields a whole
+    number of steps: the batches of a last incomplete step are dropped too, so no gradient is left
+    over into the next epoch (or lost from a checkpoint written at the epoch's end).
+    """
 
     def __init__(self, dataset_size: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, drop_last: bool = True) -> None:
+                 world_size: int = 1, shuffle: bool = True, drop_last: bool = True,
+                 accum_iter: int = 1) -> None:
         self.dataset_size = dataset_size
         self.batch_size = batch_size
+        self.accum_iter = accum_iter
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -46,7 +53,8 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __len__(self) -> int:
         per_rank = -(-self.dataset_size // self.world_size)
-        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+        batches = per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+        return batches - batches % self.accum_iter
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         indices = self._rank_indices()

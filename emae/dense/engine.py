@@ -100,7 +100,7 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
         return {"train_seconds": elapsed, "final_loss": last_loss}
 
     sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.seed, dist_info.rank,
-                                    dist_info.world_size)
+                                    dist_info.world_size, accum_iter=cfg.accum_iter)
     per_epoch = len(sampler) // cfg.accum_iter  # optimizer steps
     if per_epoch == 0:
         raise EmaeError(f"{section}: the training set has {len(train_set)} items, fewer than "

@@ -156,7 +156,7 @@ def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
     dist_info = distributed.init_distributed()
     device = default_device()
     sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.seed, dist_info.rank,
-                                    dist_info.world_size)
+                                    dist_info.world_size, accum_iter=cfg.accum_iter)
     steps_per_epoch = len(sampler) // cfg.accum_iter
     if steps_per_epoch == 0:
         raise EmaeError(f"train split has {len(train_set)} images: too few for finetune.batch_size="

@@ -93,7 +93,7 @@ def pretrain(config: Config, out: Path,
     # data: batches of (index, augmentation seed), resumable mid-epoch
     dataset = SeededDataset(build_dataset(config.data, "train", pretrain_transform(config.data)))
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed, dist_info.rank,
-                                    dist_info.world_size)
+                                    dist_info.world_size, accum_iter=cfg.accum_iter)
     steps_per_epoch = len(sampler) // cfg.accum_iter  # optimizer steps
     if steps_per_epoch == 0:
         raise EmaeError(f"data set has {len(dataset)} images: too few for pretrain.batch_size="
