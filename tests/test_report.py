@@ -35,7 +35,8 @@ def _write_run(root: Path, variant: str, seed: int, k: int, epochs: int = 4, fin
     run_dir.mkdir(parents=True)
     numbers = {"pretrain_seconds": float(RNG.uniform(10, 20)), "knn_top1": float(RNG.uniform(40, 90)),
                "linprobe_top1": float(RNG.uniform(40, 90)), "finetune_top1": float(RNG.uniform(40, 90)),
-               "consistency": float(RNG.uniform(0, 0.1)), "final_loss": float(RNG.uniform(0.5, 1))}
+               "consistency": float(RNG.uniform(0, 0.1)), "final_loss": float(RNG.uniform(0.5, 1)),
+               "final_recon_loss": float(RNG.uniform(0.4, 0.5))}
     lines = []
     for epoch in range(1, epochs + 1):
         line = {"epoch": epoch, "step": epoch * 10, "loss": 1.0 / epoch, "recon_loss": 0.9 / epoch,
@@ -46,7 +47,8 @@ def _write_run(root: Path, variant: str, seed: int, k: int, epochs: int = 4, fin
     (run_dir / "log.jsonl").write_text("\n".join(lines) + "\n")
     (run_dir / "metrics.json").write_text(json.dumps({
         "epochs": epochs, "steps": epochs * 10, "pretrain_seconds": numbers["pretrain_seconds"],
-        "final_loss": numbers["final_loss"], "num_parts": k, "mask_ratio": 0.75,
+        "final_loss": numbers["final_loss"], "final_recon_loss": numbers["final_recon_loss"],
+        "num_parts": k, "mask_ratio": 0.75,
         "consistency_weight": 0.0 if k == 1 else 1.0, "knn_top1": 40.0}))
     results = root / "results" / variant / f"seed{seed}"
     for stage in ("knn", "linprobe", *(["finetune"] if finetune else [])):
@@ -73,7 +75,8 @@ def test_summary_mean_std_over_seeds_and_plots(tmp_path: Path) -> None:
         assert col in summary.columns
     for _, row in summary.iterrows():
         assert row["K"] == (1 if row["variant"] == "mae" else 4) and row["seeds"] == 2
-        for key in ("knn_top1", "linprobe_top1", "finetune_top1", "consistency", "pretrain_seconds"):
+        for key in ("knn_top1", "linprobe_top1", "finetune_top1", "consistency", "pretrain_seconds",
+                    "final_loss", "final_recon_loss"):
             values = [written[(row["variant"], s)][key] for s in (0, 1)]
             assert row[key] == pytest.approx(np.mean(values))
             assert row[f"{key}_std"] == pytest.approx(np.std(values, ddof=1))
@@ -102,8 +105,11 @@ def test_stage_switched_off_is_a_dash_and_needs_no_file(tmp_path: Path) -> None:
     summary = pd.read_csv(tmp_path / "out" / "summary.csv")
     assert summary["finetune_top1"].isna().all() and summary["knn_top1"].notna().all()
     assert summary["knn_top1_std"].isna().all()  # one seed: no spread
-    row = (tmp_path / "out" / "summary.md").read_text().splitlines()[2].split(" | ")
-    assert row[-2] == "-" and "±" not in row[-4]
+    lines = (tmp_path / "out" / "summary.md").read_text().splitlines()
+    header, _, row = (line.strip("| ").split(" | ") for line in lines[:3])
+    cell = dict(zip(header, row))
+    assert cell["finetune_top1"] == "-" and cell["seg_miou"] == "-"
+    assert cell["knn_top1"] != "-" and "±" not in cell["knn_top1"]
 
 
 def test_missing_metrics_name_the_file(tmp_path: Path) -> None:

@@ -24,7 +24,9 @@ DENSE_KEYS = {"detect": ("det_ap_box", "det_ap_mask"), "segment": ("seg_miou",)}
 # Columns of the per-variant summary that are the same for all seeds of a variant.
 SETTINGS = ["K", "mask_ratio", "consistency_weight", "epochs"]
 # Columns averaged over seeds (mean, and `<name>_std`).
-MEASURES = ["pretrain_seconds", "final_loss", "knn_top1", "linprobe_top1", "finetune_top1",
+# final_loss is what each variant minimised (reconstruction + lambda x consistency); compare
+# variants on final_recon_loss
+MEASURES = ["pretrain_seconds", "final_loss", "final_recon_loss", "knn_top1", "linprobe_top1", "finetune_top1",
             "det_ap_box", "det_ap_mask", "seg_miou",
             "consistency"]
 
@@ -65,6 +67,7 @@ def run_row(pipeline: Pipeline, run: Run, root: Path = Path(".")) -> dict[str, A
         "epochs": int(_number(pre, "epochs", path)),
         "pretrain_seconds": _number(pre, "pretrain_seconds", path),
         "final_loss": _number(pre, "final_loss", path),
+        "final_recon_loss": _number(pre, "final_recon_loss", path),
         "pretrain_knn_top1": float(pre.get("knn_top1", math.nan)),
     }
     for stage in EVAL_STAGES:
@@ -120,7 +123,7 @@ def to_markdown(summary: pd.DataFrame, decimals: int) -> str:
                  f"{row['consistency_weight']:g}", str(int(row["epochs"])), str(int(row["seeds"]))]
         for column in MEASURES:
             mean, std = row[column], row[f"{column}_std"]
-            digits = 4 if column in ("consistency", "final_loss") else decimals
+            digits = 4 if column in ("consistency", "final_loss", "final_recon_loss") else decimals
             if pd.isna(mean):
                 cells.append("-")
             elif pd.isna(std):
