@@ -33,7 +33,7 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
 def consistency_loss(
     pred: torch.Tensor,
     mask: torch.Tensor,
-    distance: Literal["l1", "mse"] = "l1",
+    distance: Literal["l1", "mse"] = "mse",
 ) -> torch.Tensor:
     """Self-consistency between the parts' predictions of the same patch.
 

@@ -23,12 +23,14 @@ def test_reconstruction_is_mse_over_masked_patches_only() -> None:
     assert torch.allclose(reconstruction_loss(changed, target, mask), expected)
 
 
-def test_consistency_zero_when_parts_agree_and_for_k1() -> None:
+@pytest.mark.parametrize("distance", ["l1", "mse"])
+def test_consistency_zero_when_parts_agree_and_for_k1(distance: str) -> None:
     _, _, mask = _data()
     same = torch.randn(1, 3, 16, 12).expand(4, -1, -1, -1)
-    assert consistency_loss(same, mask).item() == 0.0
+    # mse's closed form (squared deviations from the parts' mean) leaves float rounding
+    assert consistency_loss(same, mask, distance).item() == pytest.approx(0.0, abs=1e-6)
     pred, _, mask1 = _data(num_parts=1)
-    assert consistency_loss(pred, mask1).item() == 0.0
+    assert consistency_loss(pred, mask1, distance).item() == 0.0
 
 
 @pytest.mark.parametrize("distance", ["l1", "mse"])
@@ -56,6 +58,26 @@ def test_stop_gradient_halves_the_gradient_of_the_symmetric_distance() -> None:
     assert torch.allclose(grad_sg, 0.5 * plain.grad, atol=1e-7)
     # and no gradient reaches patches that are not masked in both views
     assert (grad_sg[0][~(mask[0] & mask[1])] == 0).all()
+
+
+@pytest.mark.parametrize("distance", ["l1", "mse"])
+@pytest.mark.parametrize("num_parts", [2, 4])
+def test_gradient_matches_the_pairwise_stop_gradient_definition(distance: str, num_parts: int) -> None:
+    pred, _, mask = _data(num_parts=num_parts)
+    consistency_loss(pred, mask, distance).backward()
+    naive = pred.detach().clone().requires_grad_(True)
+
+    def d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a - b).abs().mean(-1) if distance == "l1" else (a - b).pow(2).mean(-1)
+
+    total, count = naive.new_zeros(()), 0
+    for i in range(num_parts):
+        for j in range(i + 1, num_parts):
+            both = (mask[i] & mask[j]).float()
+            total = total + (0.5 * (d(naive[i], naive[j].detach()) + d(naive[i].detach(), naive[j])) * both).sum()
+            count += both.sum()
+    (total / count).backward()
+    assert torch.allclose(pred.grad, naive.grad, atol=1e-7)
 
 
 def test_norm_pix_targets_are_per_patch_standardised() -> None:

@@ -56,7 +56,7 @@ class EMAE(nn.Module):
         mask_ratio: float = 0.75,
         num_parts: int = 4,
         consistency_weight: float = 1.0,
-        consistency_distance: str = "l1",
+        consistency_distance: str = "mse",
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
