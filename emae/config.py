@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from emae.errors import ConfigError
-from emae.masking import allowed_num_parts
+from emae.masking import allowed_num_parts, num_visible
 
 PositiveInt = Field(gt=0)
+
+
+# Adam's (beta1, beta2): each in [0, 1)
+Beta = Annotated[float, Field(ge=0, lt=1)]
+Betas = tuple[Beta, Beta]
 
 
 class Section(BaseModel):
@@ -93,7 +98,7 @@ class PretrainConfig(Section):
     min_lr: float = Field(ge=0)
     warmup_epochs: float = Field(ge=0)
     weight_decay: float = Field(ge=0)
-    betas: tuple[float, float]
+    betas: Betas
     clip_grad: float | None = Field(gt=0, description="max grad norm, or null for none")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(description="auto: bf16 on CUDA, off on CPU")
     compile: bool
@@ -126,6 +131,11 @@ class Config(Section):
                 f"{self.data.image_size}"
             )
         num_patches = (self.data.image_size // self.model.patch_size) ** 2
+        if num_visible(num_patches, self.model.mask_ratio) < 1:
+            raise ValueError(
+                f"model.mask_ratio={self.model.mask_ratio} leaves no visible patch of the {num_patches} "
+                f"(int(L * (1 - mask_ratio)) = 0): it must be at most {1 - 1 / num_patches:g}"
+            )
         allowed = allowed_num_parts(num_patches, self.model.mask_ratio)
         if self.model.num_parts not in allowed:
             raise ValueError(

@@ -24,6 +24,14 @@ def allowed_num_parts(num_patches: int, mask_ratio: float) -> range:
     return range(1, num_patches // n_keep + 1)
 
 
+def masked_in_both(num_patches: int, mask_ratio: float) -> int:
+    """Patches that two parts of one image both mask (where the consistency loss looks): L - 2 n_keep.
+
+    Zero when two visible sets cover the image (K = 2, r = 0.5): the consistency term is then empty.
+    """
+    return max(num_patches - 2 * num_visible(num_patches, mask_ratio), 0)
+
+
 def parallel_masks(
     batch_size: int,
     num_patches: int,

@@ -18,6 +18,8 @@ def test_default_params_validate() -> None:
     ("pretrain.epochs=0", r"pretrain.epochs = 0: Input should be greater than 0"),
     ("pretrain.epochs=many", r"pretrain.epochs = 'many': Input should be a valid integer"),
     ("model.mask_ratio=1.5", r"model.mask_ratio = 1.5: Input should be less than 1"),
+    ("model.mask_ratio=0.99", r"model.mask_ratio=0.99 leaves no visible patch of the 16 .* at most 0.9375"),
+    ("pretrain.betas=[0.9,1.5]", r"pretrain.betas.1 = 1.5: Input should be less than 1"),
     ("model.consistency_distance=l3", r"model.consistency_distance = 'l3': Input should be 'l1' or 'mse'"),
     ("model.embd_dim=3", r"model.embd_dim is not a known key"),
     ("model.num_heads=5", r"model.embed_dim=128 is not divisible by model.num_heads=5"),

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from emae.masking import allowed_num_parts, num_visible, parallel_masks, visible_indices
+from emae.masking import allowed_num_parts, masked_in_both, num_visible, parallel_masks, visible_indices
 
 
 def mae_random_masking(noise: torch.Tensor, mask_ratio: float) -> torch.Tensor:
@@ -60,3 +60,14 @@ def test_invalid_combinations_say_which_k_are_allowed() -> None:
         parallel_masks(2, 64, 5, 0.75)
     with pytest.raises(ValueError, match="no visible patch"):
         parallel_masks(2, 4, 1, 0.9)
+
+
+@pytest.mark.parametrize("num_parts,mask_ratio,expected", [(2, 0.75, 8), (4, 0.75, 8), (2, 0.5, 0)])
+def test_masked_in_both_counts_the_patches_two_parts_share(num_parts: int, mask_ratio: float,
+                                                           expected: int) -> None:
+    # where the consistency loss looks: at K=2, r=0.5 the visible halves are complementary
+    masks = parallel_masks(3, 16, num_parts, mask_ratio, generator=torch.Generator().manual_seed(0))
+    assert masked_in_both(16, mask_ratio) == expected
+    for i in range(num_parts):
+        for j in range(i + 1, num_parts):
+            assert ((masks[i] & masks[j]).sum(-1) == expected).all()

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from emae.config import Section
+from emae.config import Betas, Section
 
 
 class DenseDataConfig(Section):
@@ -75,7 +75,7 @@ class DenseTrainConfig(Section):
                                         "batch_size x accum_iter x devices images")
     min_lr: float = Field(ge=0)
     weight_decay: float = Field(ge=0)
-    betas: tuple[float, float]
+    betas: Betas
     warmup_iters: int = Field(ge=0)
     schedule: Literal["cosine", "multistep"]
     milestones: list[float] = Field(description="multistep: fractions of iterations where lr *= decay_rate")

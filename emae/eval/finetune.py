@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from emae.config import Config, Section
+from emae.config import Betas, Config, Section
 from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, eval_transform
 from emae.errors import EmaeError
 from emae.eval.features import add_checkpoint_argument, build_encoder, topk_correct
@@ -66,7 +66,7 @@ class FinetuneConfig(Section):
     min_lr: float = Field(ge=0)
     warmup_epochs: float = Field(ge=0)
     weight_decay: float = Field(ge=0)
-    betas: tuple[float, float]
+    betas: Betas
     layer_decay: float = Field(gt=0, le=1, description="lr scale per layer towards the input")
     drop_path: float = Field(ge=0, lt=1)
     global_pool: Literal["token", "avg"]

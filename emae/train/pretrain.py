@@ -40,6 +40,7 @@ from emae.config import Config, save_config
 from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, pretrain_transform
 from emae.errors import EmaeError
 from emae.io import atomic_write_text, write_json
+from emae.masking import masked_in_both
 from emae.models import EMAE, save_encoder
 from emae.models.export import ENCODER_FILE
 from emae.seeding import derive_seed, seed_everything, set_rng_states
@@ -141,6 +142,11 @@ def pretrain(config: Config, out: Path,
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
         _truncate_logs(out, step, steps_per_epoch)
+        if (config.model.num_parts > 1 and config.model.consistency_weight > 0
+                and masked_in_both(config.num_patches, config.model.mask_ratio) == 0):
+            log.warning("K=%d at mask_ratio=%g: no patch is masked in two parts, so the consistency term "
+                        "is empty and model.consistency_weight has no effect", config.model.num_parts,
+                        config.model.mask_ratio)
         log.info("pre-training %s: K=%d mask_ratio=%.2f lambda=%g, %d steps of %d images (lr %.3g)",
                  out, config.model.num_parts, config.model.mask_ratio,
                  config.model.consistency_weight, total_steps, eff_batch, lr)
