@@ -90,6 +90,9 @@ def loss_fn(case: Case, device: torch.device) -> tuple[torch.nn.Module, Callable
 
 def train_step(model: torch.nn.Module, loss: Callable[[torch.Tensor], torch.Tensor],
                device: torch.device, amp_dtype: torch.dtype | None) -> Callable[[torch.Tensor], None]:
+    """The rest of `emae pretrain`'s step: backward and fused AdamW, no loss read back (the loop
+    reads losses only at log points). Left out: the per-step lr update, clipping (off by default)
+    and the fp16 GradScaler (bf16 needs none)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
                                   fused=device.type == "cuda")

@@ -77,7 +77,7 @@ def test_generated_sets_agree_with_each_other(dense_root: Path) -> None:
             mask = coco.annToMask(ann).astype(bool)
             # the instance mask is exactly the pixels its semantic label gives its category
             assert (labels[mask] == ann["category_id"]).all()
-            assert ann["area"] == mask.sum() > 0
+            assert ann["area"] == mask.sum() == mask_utils.area(ann["segmentation"]) > 0  # the RLE itself
             x, y, w, h = ann["bbox"]
             ys, xs = np.nonzero(mask)
             assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x, y, x + w, y + h)
@@ -87,7 +87,6 @@ def test_generated_sets_agree_with_each_other(dense_root: Path) -> None:
             objects += 1
         assert (labels[~union] == 0).all()
     assert objects >= 16
-    assert mask_utils  # the RLEs above were decoded by pycocotools
 
 
 def test_prepare_dense_is_deterministic_and_skips_when_done(dense_root: Path, tmp_path: Path) -> None:
@@ -243,6 +242,30 @@ def test_segment_resume_matches_uninterrupted_run(encoder: Path, dense_root: Pat
     assert cfg.checkpoint_every == 2
     with pytest.raises(EmaeError, match="other params"):
         seg.segment(tiny("segment", dense_root, "segment.iterations=4", "segment.lr=0.5"), encoder, broken)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(encoder: Path, dense_root: Path,
+                                                                   tmp_path: Path) -> None:
+    from emae.dense import segment as seg
+
+    real_fit, calls = seg.fit, {"n": 0}
+
+    def nan_fit(model, train_set, collate, step, *args, **kwargs):
+        def step_then_nan(m, batch):
+            calls["n"] += 1
+            losses = step(m, batch)
+            return {k: v * float("nan") for k, v in losses.items()} if calls["n"] == 3 else losses
+        return real_fit(model, train_set, collate, step_then_nan, *args, **kwargs)
+
+    seg.fit = nan_fit
+    try:
+        with pytest.raises(EmaeError, match=r"segment: non-finite loss at step 2 \(loss=nan"):
+            seg.segment(tiny("segment", dense_root), encoder, tmp_path)
+    finally:
+        seg.fit = real_fit
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert state["iteration"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                           if v.is_floating_point())
 
 
 @pytest.mark.parametrize("section, keys", [("segment", ("seg_miou", "seg_pixel_acc")),

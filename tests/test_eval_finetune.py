@@ -96,6 +96,16 @@ def test_finetune_metrics_in_range_and_deterministic(export: Path, small_root: P
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["top1"] == first["top1"]
 
 
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(export: Path, small_root: Path,
+                                                                   tmp_path: Path) -> None:
+    config = _config(small_root, "finetune.blr=1e30", "finetune.warmup_epochs=0", "finetune.epochs=2",
+                     "finetune.checkpoint_every_steps=1", "finetune.batch_size=16")
+    with pytest.raises(EmaeError, match=r"non-finite loss at step [1-9]\d* \(loss="):
+        finetune(config, export, tmp_path)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
 def _finetune_cmd(export: Path, root: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "emae.cli", "finetune", "--checkpoint", str(export), "-o", str(out),
             *TINY_OVERRIDES, f"data.root={root}", *AUGMENTED, "finetune.epochs=3",

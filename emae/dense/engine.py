@@ -32,7 +32,7 @@ from emae.io import atomic_write_text
 from emae.seeding import derive_seed
 from emae.train.checkpoint import load_checkpoint, save_checkpoint
 from emae.train import distributed
-from emae.train.common import autocast, autocast_dtype, optimizer_step
+from emae.train.common import LossMeter, autocast, autocast_dtype, optimizer_step
 
 log = logging.getLogger("emae.dense")
 
@@ -117,7 +117,7 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
     progress = tqdm(total=cfg.iterations, initial=iteration, desc=section, unit="it", dynamic_ncols=True,
                     disable=not dist_info.is_main)
     start = time.perf_counter()
-    micro, sums = 0, {}
+    micro, meter, metered_steps = 0, None, 0  # meter: loss sums since the last log line, on the device
     while iteration < cfg.iterations:
         sampler.set_position(iteration // per_epoch, (iteration % per_epoch) * cfg.accum_iter)
         for batch in loader:
@@ -130,23 +130,25 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
                 with autocast(device, amp_dtype):
                     losses = step_fn(train_model, batch)
                 loss = sum(losses.values())
-                if not math.isfinite(float(loss.detach())):
-                    raise EmaeError(f"{section}: non-finite loss at iteration {iteration} ("
-                                    + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
-                                    + f"); the last good checkpoint is kept at {ckpt_path}")
+                meter = meter or LossMeter(["loss", *losses], device)
+                meter.add(iteration, [loss, *losses.values()], 1 / cfg.accum_iter)
                 scaler.scale(loss / cfg.accum_iter).backward()
-            for k, v in {"loss": loss, **losses}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.accum_iter
             micro += 1
             if not last_micro:
                 continue
             optimizer_step(model, optimizer, scaler, cfg.clip_grad)
-            iteration += 1
-            step_losses, micro, sums = sums, 0, {}
-            last_loss = step_losses["loss"]
+            iteration, micro, metered_steps = iteration + 1, 0, metered_steps + 1
             progress.update(1)
-            if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
-                step_losses = {k: distributed.mean_across(v, dist_info, device) for k, v in step_losses.items()}
+            log_now = iteration % cfg.log_every == 0 or iteration == cfg.iterations
+            if log_now or iteration % cfg.checkpoint_every == 0:  # checked before every save
+                where = meter.non_finite()
+                if where is not None:
+                    raise EmaeError(f"{section}: non-finite loss {where}; the last good checkpoint is "
+                                    f"kept at {ckpt_path}")
+            if log_now:  # the mean over the steps since the last line
+                step_losses = {k: distributed.mean_across(v / metered_steps, dist_info, device)
+                               for k, v in meter.totals().items()}
+                meter, metered_steps = None, 0
                 last_loss = step_losses["loss"]
                 if dist_info.is_main:
                     _append_jsonl(out / "log.jsonl", {"iteration": iteration, "lr": _top_lr(optimizer),

@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -52,10 +51,11 @@ from emae.io import write_json
 from emae.seeding import derive_seed, seed_everything, set_rng_states
 from emae.train import distributed
 from emae.train.checkpoint import load_checkpoint, save_checkpoint
-from emae.train.common import (add_config_arguments, autocast, autocast_dtype, config_from_args,
+from emae.train.common import (LossMeter, add_config_arguments, autocast, autocast_dtype, config_from_args,
                                default_device, optimizer_step)
 
 log = logging.getLogger("emae.finetune")
+POSTFIX_SECONDS = 1.0  # the progress bar's loss is refreshed at most this often (a host sync)
 
 
 class FinetuneConfig(Section):
@@ -206,7 +206,14 @@ def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
     if dist_info.enabled:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def save(elapsed_now: float) -> None:
+    def raise_if_non_finite(meter: LossMeter) -> None:
+        where = meter.non_finite()
+        if where is not None:
+            raise EmaeError(f"non-finite loss {where}; the last good checkpoint is kept at {ckpt_path} "
+                            "(lower finetune.blr?)")
+
+    def save(elapsed_now: float, meter: LossMeter) -> None:
+        raise_if_non_finite(meter)  # before every save: no checkpoint of diverged weights
         rng = distributed.gather_rng_states(dist_info)
         if dist_info.is_main:
             save_checkpoint(ckpt_path, {
@@ -220,7 +227,8 @@ def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
         first_step = epoch * steps_per_epoch
         sampler.set_position(epoch, (step - first_step) * cfg.accum_iter)
         model.train()
-        epoch_start, images, loss_sum, loss_steps = time.perf_counter(), 0, 0.0, 0
+        epoch_start, images, loss_steps = time.perf_counter(), 0, 0
+        meter, shown_at = LossMeter(["loss"], device), epoch_start
         progress = tqdm(total=steps_per_epoch, initial=step - first_step, unit="step",
                         desc=f"finetune epoch {epoch + 1}/{cfg.epochs}", disable=not dist_info.is_main,
                         dynamic_ncols=True)
@@ -238,11 +246,8 @@ def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
             with train_model.no_sync() if no_sync else contextlib.nullcontext():
                 with autocast(device, amp):
                     loss = criterion(train_model(imgs), targets)
-                if not math.isfinite(float(loss.detach())):
-                    raise EmaeError(f"non-finite loss at step {step}; the last good checkpoint is "
-                                    f"kept at {ckpt_path} (lower finetune.blr?)")
+                meter.add(step, [loss], 1 / cfg.accum_iter)
                 scaler.scale(loss / cfg.accum_iter).backward()
-            loss_sum += float(loss.detach()) / cfg.accum_iter
             images += imgs.shape[0] * dist_info.world_size
             micro += 1
             if not last_micro:
@@ -252,15 +257,19 @@ def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
             step += 1
             loss_steps += 1
             progress.update(1)
-            progress.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
+            if time.perf_counter() - shown_at > POSTFIX_SECONDS:  # reading the loss waits for the device
+                shown_at = time.perf_counter()
+                progress.set_postfix(loss=f"{meter.latest()['loss']:.4f}",
+                                     lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
             if step % cfg.checkpoint_every_steps == 0:
-                save(elapsed + time.perf_counter() - epoch_start)
+                save(elapsed + time.perf_counter() - epoch_start, meter)
         progress.close()
         epoch_seconds = time.perf_counter() - epoch_start
         elapsed += epoch_seconds
+        raise_if_non_finite(meter)
         record: dict[str, Any] = {
             "epoch": epoch + 1, "step": step, "lr": max(g["lr"] for g in optimizer.param_groups),
-            "loss": distributed.mean_across(loss_sum / max(loss_steps, 1), dist_info, device),
+            "loss": distributed.mean_across(meter.totals()["loss"] / max(loss_steps, 1), dist_info, device),
             "epoch_seconds": epoch_seconds, "images_per_s": images / epoch_seconds}
         if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs:
             result = evaluate(model, val_set, cfg.batch_size, config.data.num_workers, device,
@@ -268,7 +277,7 @@ def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
             record |= result
         if dist_info.is_main:
             append_jsonl(out / "log.jsonl", record)
-        save(elapsed)
+        save(elapsed, meter)
 
     if not result:  # resumed after the last step but before metrics.json was written
         result = evaluate(model, val_set, cfg.batch_size, config.data.num_workers, device, dist_info, amp)

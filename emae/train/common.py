@@ -56,3 +56,38 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+
+
+class LossMeter:
+    """Running sums of loss terms kept on the device, and the first step whose terms were not
+    finite: a training step never waits for the accelerator to read a loss back; the sums and the
+    non-finite check are read (one host sync) only at log points, checkpoints and epoch ends."""
+
+    def __init__(self, names: list[str], device: torch.device) -> None:
+        self.names = names
+        self.sums = torch.zeros(len(names), device=device)
+        self.last = torch.zeros(len(names), device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_values = torch.zeros(len(names), device=device)
+
+    def add(self, step: int, values: list[torch.Tensor], weight: float = 1.0) -> None:
+        v = torch.stack([x.detach().float() for x in values])  # [len(names)]
+        first_bad = ~torch.isfinite(v).all() & (self.bad_step < 0)
+        self.bad_step = torch.where(first_bad, step, self.bad_step)
+        self.bad_values = torch.where(first_bad, v, self.bad_values)
+        self.sums += v * weight
+        self.last = v
+
+    def non_finite(self) -> str | None:
+        """'at step N (name=value, ...)' for the first non-finite step, else None (a host sync)."""
+        step = int(self.bad_step)
+        if step < 0:
+            return None
+        values = ", ".join(f"{n}={v:.4g}" for n, v in zip(self.names, self.bad_values.tolist()))
+        return f"at step {step} ({values})"
+
+    def totals(self) -> dict[str, float]:
+        return dict(zip(self.names, self.sums.tolist()))
+
+    def latest(self) -> dict[str, float]:
+        return dict(zip(self.names, self.last.tolist()))

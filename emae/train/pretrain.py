@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -46,14 +45,24 @@ from emae.models.export import ENCODER_FILE
 from emae.seeding import derive_seed, seed_everything, set_rng_states
 from emae.train import distributed
 from emae.train.checkpoint import load_checkpoint, save_checkpoint
-from emae.train.common import (add_config_arguments, autocast, autocast_dtype, config_from_args,
-                               default_device, optimizer_step)
+from emae.train.common import (LossMeter, add_config_arguments, autocast, autocast_dtype,
+                               config_from_args, default_device, optimizer_step)
 
 log = logging.getLogger("emae.pretrain")
 
 
 class NonFiniteLossError(EmaeError):
     pass
+
+
+LOSS_TERMS = ("loss", "recon_loss", "consistency_loss")  # EMAEOutput's scalars, logged per step and epoch
+
+
+def _raise_if_non_finite(meter: LossMeter, ckpt_path: Path) -> None:
+    """Checked before every save, so a checkpoint never holds weights updated by a non-finite loss."""
+    where = meter.non_finite()
+    if where is not None:
+        raise NonFiniteLossError(f"non-finite loss {where}; the last good checkpoint is kept at {ckpt_path}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,7 +169,7 @@ def pretrain(config: Config, out: Path,
         first_step = epoch * steps_per_epoch
         sampler.set_position(epoch, (step - first_step) * cfg.accum_iter)
         epoch_start, epoch_images, epoch_start_step = time.perf_counter(), 0, step
-        sums = {"loss": 0.0, "recon_loss": 0.0, "consistency_loss": 0.0}
+        meter = LossMeter(list(LOSS_TERMS), device)
         progress = tqdm(total=steps_per_epoch, initial=step - first_step, disable=not dist_info.is_main,
                         desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True)
         micro = 0
@@ -172,15 +181,9 @@ def pretrain(config: Config, out: Path,
             sync = last_micro or not dist_info.enabled
             with (train_model.no_sync() if not sync else contextlib.nullcontext()), autocast(device, amp_dtype):
                 output = train_model(imgs, generator=mask_generator)
-            parts = {k: getattr(output, k).detach() for k in sums}
-            if not all(math.isfinite(float(v)) for v in parts.values()):
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step} (" + ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
-                    + f"); the last good checkpoint is kept at {ckpt_path}")
+            meter.add(step, [getattr(output, k) for k in LOSS_TERMS], 1 / cfg.accum_iter)
             with (train_model.no_sync() if not sync else contextlib.nullcontext()):
                 scaler.scale(output.loss / cfg.accum_iter).backward()
-            for k, v in parts.items():
-                sums[k] += float(v) / cfg.accum_iter
             epoch_images += imgs.shape[0] * dist_info.world_size
             micro += 1
             if not last_micro:
@@ -190,17 +193,21 @@ def pretrain(config: Config, out: Path,
             step += 1
             progress.update(1)
             if dist_info.is_main and step % cfg.log_every_steps == 0:
-                scalars = {k: float(v) for k, v in parts.items()} | {"lr": optimizer.param_groups[0]["lr"]}
+                _raise_if_non_finite(meter, ckpt_path)
+                scalars = meter.latest() | {"lr": optimizer.param_groups[0]["lr"]}
                 _log_step(out, writer, step, scalars)
                 progress.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
             if step % cfg.checkpoint_every_steps == 0:
+                _raise_if_non_finite(meter, ckpt_path)
                 elapsed_now = elapsed + time.perf_counter() - epoch_start
                 _save(ckpt_path, model, optimizer, scaler, config, step, elapsed_now, dist_info)
         progress.close()
         epoch_seconds = time.perf_counter() - epoch_start
         elapsed += epoch_seconds
         steps_run = max(step - epoch_start_step, 1)  # steps this process ran in this epoch
-        epoch_stats = {k: distributed.mean_across(v / steps_run, dist_info, device) for k, v in sums.items()}
+        _raise_if_non_finite(meter, ckpt_path)
+        epoch_stats = {k: distributed.mean_across(v / steps_run, dist_info, device)
+                       for k, v in meter.totals().items()}
         epoch_stats |= {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                         "images_per_s": epoch_images / epoch_seconds, "epoch_seconds": epoch_seconds,
                         "pretrain_seconds": elapsed}
