@@ -100,10 +100,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
 
 def test_resuming_with_other_params_is_refused(tmp_path: Path, tiny_overrides: list[str]) -> None:
     earlier = load_config(CORE_PARAMS, tiny_overrides)
-    save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"config": earlier.to_dict()})
+    save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"config": earlier.to_dict(), "step": 3})
     other = load_config(CORE_PARAMS, tiny_overrides + ["model.num_parts=2"])
     with pytest.raises(EmaeError, match=r"model.num_parts: 4 -> 2"):
         pretrain(other, tmp_path)
+    # fewer epochs than the checkpoint has trained: refused (more extend the run: tests/test_pipeline_e2e.py)
+    save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"config": earlier.to_dict(), "step": 2 * (1437 // 64)})
+    shorter = load_config(CORE_PARAMS, tiny_overrides + ["pretrain.epochs=1"])
+    with pytest.raises(EmaeError, match=r"pretrain.epochs: 2 -> 1 \(the checkpoint has trained 2 epochs\)"):
+        pretrain(shorter, tmp_path)
 
 
 def test_missing_data_is_a_clear_error(tmp_path: Path, tiny_overrides: list[str]) -> None:

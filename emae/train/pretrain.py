@@ -129,7 +129,7 @@ def pretrain(config: Config, out: Path,
     state = load_checkpoint(ckpt_path)
     step, elapsed = 0, 0.0
     if state is not None:
-        _check_same_run(state["config"], config, ckpt_path)
+        _check_same_run(state["config"], config, ckpt_path, state["step"], steps_per_epoch)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -261,13 +261,24 @@ def _save(path: Path, model: EMAE, optimizer: torch.optim.Optimizer, scaler: tor
     distributed.barrier(dist_info)
 
 
-def _check_same_run(saved: dict[str, Any], config: Config, path: Path) -> None:
-    """Resuming with other model/data/pretrain settings would silently mix two runs."""
+def _check_same_run(saved: dict[str, Any], config: Config, path: Path, step: int,
+                    steps_per_epoch: int) -> None:
+    """Resuming with other model/data/pretrain settings would silently mix two runs. More
+    `pretrain.epochs` extend a run (the cosine schedule is laid over the new total from here on, a
+    warm restart: logged); fewer than the checkpoint has trained are refused."""
     now = config.to_dict()
     changed = [f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
                for section in ("model", "pretrain", "data") for key, value in now[section].items()
                if saved.get(section, {}).get(key) != value and key not in ("num_workers", "epochs",
                                                                           "root", "knn_every_epochs")]
+    before = saved.get("pretrain", {}).get("epochs")
+    if before is not None and config.pretrain.epochs < before and step > steps_per_epoch * config.pretrain.epochs:
+        changed.append(f"pretrain.epochs: {before} -> {config.pretrain.epochs} (the checkpoint has trained "
+                       f"{step / steps_per_epoch:g} epochs)")
+    elif before is not None and config.pretrain.epochs != before:
+        log.warning("pretrain.epochs %s -> %s: the lr schedule is laid over %s epochs from step %d on "
+                    "(a finished run restarts from a higher lr)", before, config.pretrain.epochs,
+                    config.pretrain.epochs, step)
     if changed:
         raise EmaeError(f"{path} was written with other params; use another --out or move it away. "
                         "Changed: " + "; ".join(changed))
