@@ -300,6 +300,8 @@ def explain_validation_error(err: ValidationError, origin: dict[str, str], root:
             lines.append(f"{source}: {key} is not a known key")
         elif isinstance(problem.get("input"), dict):  # a check across keys: its message names them
             message = message.removeprefix("Value error, ")
+            if key and key not in message:  # a nested check's message may not say where it is
+                message = f"{key}: {message}"
             lines.append(f"{_source_of_message(message, origin, source)}: {message}")
         else:
             lines.append(f"{source}: {key} = {problem.get('input')!r}: {message}")

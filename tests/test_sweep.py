@@ -136,8 +136,8 @@ BAD_SPACES = [
     (["sweep.sampler=tpe", "sweep.n_trials=4", *grid([0.5, 0.75, 0.875], [1, 2, 4])], "must be a range"),
     (["sweep.space.model.no_such_key={values: [1]}"], "is not a params key"),
     (["sweep.space.model.num_parts={values: [1, 2.5]}"], "takes integers"),
-    (["sweep.space.model.num_parts={values: [1, 2], low: 1}"], "not both"),
-    (["sweep.sampler=tpe"], "n_trials is required"),
+    (["sweep.space.model.num_parts={values: [1, 2], low: 1}"], "sweep.space.model.num_parts: give either"),
+    (["sweep.sampler=tpe"], "sweep: n_trials is required"),
 ]
 
 
