@@ -251,11 +251,13 @@ def test_trials_of_dead_owners_are_failed_and_retried(small_digits: Path, tmp_pa
                if t.user_attrs.get("attempt") == 1)
 
 
-def _take_trials(out: str, seen: "multiprocessing.Queue") -> None:
+def _take_trials(out: str, seen: "multiprocessing.Queue", start: "multiprocessing.Barrier") -> None:
     sweep = Sweep.from_snapshot(Path(out))
     study = sweep.load_study(sweep.open_storage(), str(os.getpid()))
+    start.wait(60)  # all take trials at once: none finishes the study before the others have begun
     while (trial := sweep.next_trial(study, str(os.getpid()))) is not None:
         point = sweep.space.suggest(trial)
+        time.sleep(0.02)  # a trial takes time, so the processes interleave
         study.tell(trial, float(point["model.num_parts"]))
         seen.put(trial.number)
 
@@ -270,8 +272,8 @@ def test_concurrent_processes_respect_the_global_trial_cap(small_digits: Path, t
     sweep.create_study(sweep.open_storage())
     save_config(config, tmp_path / "params.yaml")
     ctx = multiprocessing.get_context("fork")
-    seen = ctx.Queue()
-    procs = [ctx.Process(target=_take_trials, args=(str(tmp_path), seen)) for _ in range(4)]
+    seen, start = ctx.Queue(), ctx.Barrier(4)
+    procs = [ctx.Process(target=_take_trials, args=(str(tmp_path), seen, start)) for _ in range(4)]
     for proc in procs:
         proc.start()
     for proc in procs:
