@@ -14,6 +14,10 @@ class ConfigError(EmaeError, ValueError):
     """Invalid params: the message names the file, the key, the value and what is allowed."""
 
 
+class NonFiniteLossError(EmaeError):
+    """Training diverged; the last checkpoint written before it is intact."""
+
+
 def run_reporting_errors(func: Callable[[Any], int | None], args: Any) -> int:
     try:
         code = func(args)

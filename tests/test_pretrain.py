@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from emae.config import load_config
-from emae.errors import EmaeError
+from emae.errors import EmaeError, NonFiniteLossError
 from emae.train.checkpoint import save_checkpoint
-from emae.train.pretrain import NonFiniteLossError, pretrain
+from emae.train.pretrain import pretrain
 from tests.conftest import CORE_PARAMS, REPO, cli_env
 
 

@@ -140,11 +140,8 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
             iteration, micro, metered_steps = iteration + 1, 0, metered_steps + 1
             progress.update(1)
             log_now = iteration % cfg.log_every == 0 or iteration == cfg.iterations
-            if log_now or iteration % cfg.checkpoint_every == 0:  # checked before every save
-                where = meter.non_finite()
-                if where is not None:
-                    raise EmaeError(f"{section}: non-finite loss {where}; the last good checkpoint is "
-                                    f"kept at {ckpt_path}")
+            if log_now or iteration % cfg.checkpoint_every == 0:  # before every save
+                meter.raise_if_non_finite(ckpt_path, f"{section}: ")
             if log_now:  # the mean over the steps since the last line
                 step_losses = {k: distributed.mean_across(v / metered_steps, dist_info, device)
                                for k, v in meter.totals().items()}

@@ -206,14 +206,8 @@ def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
     if dist_info.enabled:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def raise_if_non_finite(meter: LossMeter) -> None:
-        where = meter.non_finite()
-        if where is not None:
-            raise EmaeError(f"non-finite loss {where}; the last good checkpoint is kept at {ckpt_path} "
-                            "(lower finetune.blr?)")
-
     def save(elapsed_now: float, meter: LossMeter) -> None:
-        raise_if_non_finite(meter)  # before every save: no checkpoint of diverged weights
+        meter.raise_if_non_finite(ckpt_path)
         rng = distributed.gather_rng_states(dist_info)
         if dist_info.is_main:
             save_checkpoint(ckpt_path, {
@@ -266,7 +260,7 @@ def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
         progress.close()
         epoch_seconds = time.perf_counter() - epoch_start
         elapsed += epoch_seconds
-        raise_if_non_finite(meter)
+        meter.raise_if_non_finite(ckpt_path)
         record: dict[str, Any] = {
             "epoch": epoch + 1, "step": step, "lr": max(g["lr"] for g in optimizer.param_groups),
             "loss": distributed.mean_across(meter.totals()["loss"] / max(loss_steps, 1), dist_info, device),

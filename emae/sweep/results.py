@@ -77,15 +77,22 @@ def heatmap_frame(sweep: Sweep, df: pd.DataFrame) -> pd.DataFrame:
     """Best score per (K, mask ratio) of the complete trials: rows K, columns ratio (NaN: not run)."""
     score = _score_column(df)
     done = df[df["state"] == "COMPLETE"]
+    k, r = _cells(sweep, done)
+    frame = pd.DataFrame({"K": k, "mask_ratio": r, "score": done[score]})
     model = sweep.base["model"]
-    k = done.get("params_num_parts", pd.Series(model["num_parts"], index=done.index))
-    r = done.get("params_mask_ratio", pd.Series(model["mask_ratio"], index=done.index))
-    frame = pd.DataFrame({"K": k.astype(int), "mask_ratio": r.astype(float), "score": done[score]})
     ratios = list(sweep.space.axes[RATIO].choices) if RATIO in sweep.space.axes else [model["mask_ratio"]]
     parts = list(sweep.space.axes[PARTS].choices) if PARTS in sweep.space.axes else [model["num_parts"]]
     table = frame.pivot_table(index="K", columns="mask_ratio", values="score", aggfunc="max")
     return table.reindex(index=sorted(set(parts) | set(table.index)),
                          columns=sorted(set(ratios) | set(table.columns)))
+
+
+def _cells(sweep: Sweep, trials: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Each trial's (K, mask ratio): its swept params, or the base params for an axis not swept."""
+    model = sweep.base["model"]
+    k = trials.get("params_num_parts", pd.Series(model["num_parts"], index=trials.index))
+    r = trials.get("params_mask_ratio", pd.Series(model["mask_ratio"], index=trials.index))
+    return k.astype(int), r.astype(float)
 
 
 def _score_column(df: pd.DataFrame) -> str:
@@ -95,15 +102,13 @@ def _score_column(df: pd.DataFrame) -> str:
 
 def pruned_labels(sweep: Sweep, df: pd.DataFrame) -> dict[tuple[int, float], str]:
     """(K, mask ratio) -> 'pruned' with the best last reported score of that cell's pruned trials."""
-    model = sweep.base["model"]
     pruned = df[df["state"] == "PRUNED"]
-    k = pruned.get("params_num_parts", pd.Series(model["num_parts"], index=pruned.index))
-    r = pruned.get("params_mask_ratio", pd.Series(model["mask_ratio"], index=pruned.index))
+    k, r = _cells(sweep, pruned)
     score = pruned.get("user_attrs_pruned_score", pd.Series(float("nan"), index=pruned.index))
     epoch = pruned.get("user_attrs_pruned_at_epoch", pd.Series(float("nan"), index=pruned.index))
     labels: dict[tuple[int, float], str] = {}
     best: dict[tuple[int, float], float] = {}
-    for cell, value, at in zip(zip(k.astype(int), r.astype(float)), score, epoch):
+    for cell, value, at in zip(zip(k, r), score, epoch):
         if pd.isna(value):  # pruned before this attribute existed
             labels.setdefault(cell, "pruned")
         elif value > best.get(cell, float("-inf")):

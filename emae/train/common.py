@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from pathlib import Path
 
 import torch
 
 from emae.config import Config, load_config
+from emae.errors import NonFiniteLossError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, out_required: bool = False) -> None:
@@ -78,13 +80,14 @@ class LossMeter:
         self.sums += v * weight
         self.last = v
 
-    def non_finite(self) -> str | None:
-        """'at step N (name=value, ...)' for the first non-finite step, else None (a host sync)."""
+    def raise_if_non_finite(self, ckpt_path: Path, prefix: str = "") -> None:
+        """Called before every save (a host sync), so no checkpoint holds weights a non-finite loss
+        updated: NonFiniteLossError naming the first such step and its terms."""
         step = int(self.bad_step)
-        if step < 0:
-            return None
-        values = ", ".join(f"{n}={v:.4g}" for n, v in zip(self.names, self.bad_values.tolist()))
-        return f"at step {step} ({values})"
+        if step >= 0:
+            values = ", ".join(f"{n}={v:.4g}" for n, v in zip(self.names, self.bad_values.tolist()))
+            raise NonFiniteLossError(f"{prefix}non-finite loss at step {step} ({values}); the last good "
+                                     f"checkpoint is kept at {ckpt_path} (a lower learning rate?)")
 
     def totals(self) -> dict[str, float]:
         return dict(zip(self.names, self.sums.tolist()))

@@ -51,18 +51,7 @@ from emae.train.common import (LossMeter, add_config_arguments, autocast, autoca
 log = logging.getLogger("emae.pretrain")
 
 
-class NonFiniteLossError(EmaeError):
-    pass
-
-
 LOSS_TERMS = ("loss", "recon_loss", "consistency_loss")  # EMAEOutput's scalars, logged per step and epoch
-
-
-def _raise_if_non_finite(meter: LossMeter, ckpt_path: Path) -> None:
-    """Checked before every save, so a checkpoint never holds weights updated by a non-finite loss."""
-    where = meter.non_finite()
-    if where is not None:
-        raise NonFiniteLossError(f"non-finite loss {where}; the last good checkpoint is kept at {ckpt_path}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,19 +182,19 @@ def pretrain(config: Config, out: Path,
             step += 1
             progress.update(1)
             if dist_info.is_main and step % cfg.log_every_steps == 0:
-                _raise_if_non_finite(meter, ckpt_path)
+                meter.raise_if_non_finite(ckpt_path)
                 scalars = meter.latest() | {"lr": optimizer.param_groups[0]["lr"]}
                 _log_step(out, writer, step, scalars)
                 progress.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
             if step % cfg.checkpoint_every_steps == 0:
-                _raise_if_non_finite(meter, ckpt_path)
+                meter.raise_if_non_finite(ckpt_path)
                 elapsed_now = elapsed + time.perf_counter() - epoch_start
                 _save(ckpt_path, model, optimizer, scaler, config, step, elapsed_now, dist_info)
         progress.close()
         epoch_seconds = time.perf_counter() - epoch_start
         elapsed += epoch_seconds
         steps_run = max(step - epoch_start_step, 1)  # steps this process ran in this epoch
-        _raise_if_non_finite(meter, ckpt_path)
+        meter.raise_if_non_finite(ckpt_path)
         epoch_stats = {k: distributed.mean_across(v / steps_run, dist_info, device)
                        for k, v in meter.totals().items()}
         epoch_stats |= {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
