@@ -1,3 +1,4 @@
+import os
 import shutil
 from pathlib import Path
 
@@ -5,7 +6,7 @@ import pytest
 import torch
 
 from emae.config import load_config
-from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, pretrain_transform
+from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest, pretrain_transform
 from emae.errors import EmaeError
 from tests.conftest import CORE_PARAMS
 
@@ -87,3 +88,25 @@ def test_seeded_augmentation_depends_only_on_the_seed(digits_root: Path) -> None
     b, _ = dataset[(4, 123)]
     c, _ = dataset[(4, 124)]
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_dataset_digest_changes_with_any_file_and_only_then(small_tree: Path) -> None:
+    cfg = _data_cfg(small_tree)
+    first = dataset_digest(cfg)
+    assert first == dataset_digest(cfg) and len(first) == 16 and int(first, 16) >= 0
+    image = sorted((small_tree / "val" / "2").iterdir())[0]
+    seen = {first}
+    shutil.copy(image, image.with_name("extra.png"))  # added
+    seen.add(dataset_digest(cfg))
+    image.with_name("extra.png").rename(image.with_name("renamed.png"))  # renamed
+    seen.add(dataset_digest(cfg))
+    image.with_name("renamed.png").unlink()  # removed: back to the first tree
+    assert dataset_digest(cfg) == first
+    stat = image.stat()
+    image.write_bytes(image.read_bytes())  # rewritten with the same bytes: a new mtime
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    rewritten = dataset_digest(cfg)
+    seen.add(rewritten)
+    assert len(seen) == 4, seen
+    (small_tree / "train" / "3" / "notes.txt").write_text("not an image")  # not part of the data set
+    assert dataset_digest(cfg) == rewritten

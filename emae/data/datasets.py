@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from torchvision import datasets, transforms
 
+from emae.data.scan import IMAGE_EXTENSIONS, is_image  # noqa: F401 - IMAGE_EXTENSIONS: emae.dense reads it here
 from emae.errors import EmaeError
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def pretrain_transform(data_cfg: Any) -> Callable:
@@ -51,7 +51,7 @@ class CheckedImageFolder(datasets.ImageFolder):
     def __init__(self, root: str, transform: Callable | None, skip_corrupt: bool) -> None:
         self.skip_corrupt = skip_corrupt
         super().__init__(root, transform=transform, loader=self._load,
-                         allow_empty=True, is_valid_file=_is_image)
+                         allow_empty=True, is_valid_file=is_image)
         empty = [c for c, i in self.class_to_idx.items() if not any(t == i for t in self.targets)]
         if empty:
             raise EmaeError(f"{root}: class folder(s) without images: {', '.join(empty[:10])}")
@@ -82,10 +82,6 @@ class CheckedImageFolder(datasets.ImageFolder):
                     raise
                 log.warning("skipping unreadable image: %s", err)
         raise EmaeError(f"{self.root}: no readable image left")
-
-
-def _is_image(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def build_dataset(data_cfg: Any, split: str, transform: Callable | None) -> torch.utils.data.Dataset:
