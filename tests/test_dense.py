@@ -304,7 +304,7 @@ def test_two_process_ddp_with_accumulation(encoder: Path, dense_root: Path, tmp_
 def test_random_init_baseline_keeps_apart_from_the_pretrained_run(encoder: Path, dense_root: Path,
                                                                   tmp_path: Path) -> None:
     """`--random-init`: the export's architecture with the weights pre-training starts from; a
-    rerun into its folder with the pre-trained weights is refused, not resumed."""
+    rerun into its folder with the pre-trained weights starts afresh (saying so), not resumed."""
     from emae.dense.backbone import build_backbone
     from emae.models.export import load_encoder
 
@@ -320,8 +320,15 @@ def test_random_init_baseline_keeps_apart_from_the_pretrained_run(encoder: Path,
     overrides = [*TINY_OVERRIDES, *stage_overrides("segment", dense_root), "segment.iterations=2"]
     run_cli(*args, "--random-init", *overrides)
     assert json.loads((out / "metrics.json").read_text())["random_init"] is True
-    again = run_cli(*args, *overrides, check=False)
-    assert again.returncode != 0 and "another encoder (export or --random-init)" in again.stderr
+    again = run_cli(*args, *overrides)
+    assert "made from other inputs (encoder random-init:" in again.stderr
+    assert "starting this stage again from scratch" in again.stderr
+    rerun = json.loads((out / "metrics.json").read_text())
+    fresh_out = tmp_path / "fresh"
+    run_cli("segment", "--checkpoint", str(encoder), "-o", str(fresh_out), "-p", str(PARAMS), *overrides)
+    fresh = json.loads((fresh_out / "metrics.json").read_text())
+    assert rerun["random_init"] is False and rerun["inputs"] == fresh["inputs"]
+    assert rerun["seg_miou"] == fresh["seg_miou"] and rerun["final_loss"] == fresh["final_loss"]
 
 
 # ----------------------------------------------------------------------------------- bad input

@@ -58,6 +58,9 @@ def test_knn_metrics_in_range_and_deterministic(export: Path, digits_root: Path,
     assert saved["top1"] == first["top1"] and saved["num_val"] == 360 and saved["k"] == 20
 
 
+INPUTS = {"encoder": "export", "data": "digits"}  # the digests a resumed checkpoint must match
+
+
 def test_linprobe_freezes_encoder_and_is_deterministic(export: Path, digits_root: Path,
                                                        tmp_path: Path) -> None:
     from emae.data import build_dataset, eval_transform
@@ -67,17 +70,17 @@ def test_linprobe_freezes_encoder_and_is_deterministic(export: Path, digits_root
     sets = [build_dataset(config.data, split, eval_transform(config.data)) for split in ("train", "val")]
     encoder = build_encoder(export, config.data)
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    first = linear_probe(encoder, config, tmp_path / "a", *sets)
+    first = linear_probe(encoder, config, tmp_path / "a", *sets, INPUTS)
     assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
     assert not any(p.requires_grad for p in encoder.parameters())
-    second = linear_probe(encoder, config, tmp_path / "b", *sets)
+    second = linear_probe(encoder, config, tmp_path / "b", *sets, INPUTS)
     assert 0 <= first["top1"] <= first["top5"] <= 100 and first["top1"] > 10
     assert first["top1"] == second["top1"] and first["steps"] == 10 * (1437 // 128)
     # the probe learnt something: its last epoch beats its first
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"]
     # rerunning a finished probe resumes at the end and gives the same figure
-    again = linear_probe(encoder, config, tmp_path / "a", *sets)
+    again = linear_probe(encoder, config, tmp_path / "a", *sets, INPUTS)
     assert again["top1"] == first["top1"] and again["steps"] == first["steps"]
 
 

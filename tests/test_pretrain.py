@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from emae.config import load_config
 from emae.errors import EmaeError, NonFiniteLossError
-from emae.train.checkpoint import save_checkpoint
+from emae.data import dataset_digest
+from emae.train.checkpoint import RunCheckpoint
 from emae.train.pretrain import pretrain
 from tests.conftest import CORE_PARAMS, REPO, cli_env
 
@@ -100,12 +101,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
 
 def test_resuming_with_other_params_is_refused(tmp_path: Path, tiny_overrides: list[str]) -> None:
     earlier = load_config(CORE_PARAMS, tiny_overrides)
-    save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"config": earlier.to_dict(), "step": 3})
+    ckpt = RunCheckpoint(tmp_path / "checkpoints" / "last.pt", {"data": dataset_digest(earlier.data)}, 1)
+    ckpt.save({"config": earlier.to_dict(), "step": 3})
     other = load_config(CORE_PARAMS, tiny_overrides + ["model.num_parts=2"])
     with pytest.raises(EmaeError, match=r"model.num_parts: 4 -> 2"):
         pretrain(other, tmp_path)
     # fewer epochs than the checkpoint has trained: refused (more extend the run: tests/test_pipeline_e2e.py)
-    save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"config": earlier.to_dict(), "step": 2 * (1437 // 64)})
+    ckpt.save({"config": earlier.to_dict(), "step": 2 * (1437 // 64)})
     shorter = load_config(CORE_PARAMS, tiny_overrides + ["pretrain.epochs=1"])
     with pytest.raises(EmaeError, match=r"pretrain.epochs: 2 -> 1 \(the checkpoint has trained 2 epochs\)"):
         pretrain(shorter, tmp_path)

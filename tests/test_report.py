@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 from conftest import PARAMS, run_cli
+from emae.provenance import file_digest
 
 RNG = np.random.default_rng(0)
 
@@ -29,7 +30,14 @@ def _write_params(root: Path, seeds: list[int], **stages: bool) -> Path:
     return params
 
 
-def _write_run(root: Path, variant: str, seed: int, k: int, epochs: int = 4, finetune: bool = True) -> dict:
+PROVENANCE = {"commit": "0123456789abcdef", "dirty": False, "diff_sha256": None, "emae": "0.1.0",
+              "torch": "2.14.1", "timm": "1.0.31", "cuda": None, "device": "cpu",
+              "device_names": ["Test CPU"], "device_count": 1, "world_size": 1, "hosts": ["h1"],
+              "finished": "2026-12-01T00:00:00+00:00"}
+
+
+def _write_run(root: Path, variant: str, seed: int, k: int, epochs: int = 4, finetune: bool = True,
+               provenance: dict = PROVENANCE) -> dict:
     """Stage outputs of one run, as the commands write them; returns the numbers written."""
     run_dir = root / "runs" / variant / f"seed{seed}"
     run_dir.mkdir(parents=True)
@@ -45,7 +53,13 @@ def _write_run(root: Path, variant: str, seed: int, k: int, epochs: int = 4, fin
             line |= {"knn_top1": 10.0 * epoch, "knn_top5": 20.0 * epoch}
         lines.append(json.dumps(line))
     (run_dir / "log.jsonl").write_text("\n".join(lines) + "\n")
-    (run_dir / "metrics.json").write_text(json.dumps({
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "encoder.safetensors").write_bytes(f"encoder {variant} {seed}".encode())
+    (run_dir / "checkpoints" / "last.pt").write_bytes(f"checkpoint {variant} {seed}".encode())
+    encoder = {"encoder": file_digest(run_dir / "encoder.safetensors")}
+    checkpoint = {"checkpoint": file_digest(run_dir / "checkpoints" / "last.pt")}
+    stamp = {"provenance": provenance, "inputs": {"data": "d"}}
+    (run_dir / "metrics.json").write_text(json.dumps({**stamp,
         "epochs": epochs, "steps": epochs * 10, "pretrain_seconds": numbers["pretrain_seconds"],
         "final_loss": numbers["final_loss"], "final_recon_loss": numbers["final_recon_loss"],
         "num_parts": k, "mask_ratio": 0.75,
@@ -54,10 +68,13 @@ def _write_run(root: Path, variant: str, seed: int, k: int, epochs: int = 4, fin
     for stage in ("knn", "linprobe", *(["finetune"] if finetune else [])):
         (results / stage).mkdir(parents=True)
         top1 = numbers[f"{stage}_top1"]
-        (results / stage / "metrics.json").write_text(json.dumps({"top1": top1, "top5": min(100, top1 + 5)}))
+        (results / stage / "metrics.json").write_text(json.dumps(
+            {"top1": top1, "top5": min(100, top1 + 5), "provenance": provenance, "inputs": encoder}))
     (results / "consistency").mkdir(parents=True)
-    (results / "consistency" / "metrics.json").write_text(json.dumps({"consistency": numbers["consistency"]}))
+    (results / "consistency" / "metrics.json").write_text(json.dumps(
+        {"consistency": numbers["consistency"], "provenance": provenance, "inputs": checkpoint}))
     (results / "visualize").mkdir(parents=True)
+    (results / "visualize" / "metrics.json").write_text(json.dumps({"provenance": provenance, "inputs": checkpoint}))
     Image.new("RGB", (8, 8), (k * 40, 0, 0)).save(results / "visualize" / "reconstructions.png")
     return numbers
 
@@ -125,3 +142,31 @@ def test_missing_metrics_name_the_file(tmp_path: Path) -> None:
     missing.write_text(json.dumps({"top5": 90.0}))
     result = run_cli("report", "-p", str(params), "-o", "out", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "has no 'top1'" in result.stderr and "top5" in result.stderr
+
+
+def test_provenance_table_and_warnings(tmp_path: Path) -> None:
+    """The report says which code, devices and versions produced each stage's runs, and warns
+    when a result is stale (made from another encoder than the run's current one) or when the runs
+    it compares differ in code or devices."""
+    params = _write_params(tmp_path, seeds=[0])
+    _write_run(tmp_path, "mae", 0, 1)
+    _write_run(tmp_path, "emae", 0, 4, provenance={**PROVENANCE, "commit": "fedcba9876543210",
+                                                    "device_names": ["Other CPU"]})
+    result = run_cli("report", "-p", str(params), "-o", "out", cwd=tmp_path)
+    markdown = (tmp_path / "out" / "summary.md").read_text()
+    provenance = markdown[markdown.index("## Provenance"):]
+    assert "| pretrain | 2 | 0123456789 / fedcba9876 | 1 x Other CPU / 1 x Test CPU |" in provenance
+    assert "the knn runs differ in code (commit + uncommitted diff): 0123456789; fedcba9876" in provenance
+    assert "the pretrain runs differ in devices: 1 x Other CPU; 1 x Test CPU" in provenance
+    assert "stale" not in provenance and "stale" not in result.stderr
+
+    # pre-train mae again (its export changes), leave its evaluations: the report flags them
+    (tmp_path / "runs" / "mae" / "seed0" / "encoder.safetensors").write_bytes(b"another encoder")
+    result = run_cli("report", "-p", str(params), "-o", "out", cwd=tmp_path)
+    markdown = (tmp_path / "out" / "summary.md").read_text()
+    for stage in ("knn", "linprobe", "finetune"):
+        warning = (f"results/mae/seed0/{stage}/metrics.json: stale: made from another encoder than the "
+                   "current runs/mae/seed0's")
+        assert warning in markdown and warning in result.stderr
+    assert "results/emae/seed0/knn/metrics.json: stale" not in markdown
+    assert "consistency/metrics.json: stale" not in markdown  # its input, last.pt, did not change

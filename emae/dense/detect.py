@@ -33,10 +33,11 @@ from tqdm import tqdm
 from emae.config import Config, save_config
 from emae.dense.backbone import ViTDetBackbone, build_backbone, no_weight_decay, vit_group_matcher
 from emae.dense.data import CocoInstances, detection_collate
-from emae.dense.engine import encoder_origin, fit
+from emae.dense.engine import fit
 from emae.eval.features import add_random_init_argument
 from emae.errors import EmaeError
-from emae.io import atomic_write_text, write_json
+from emae.io import atomic_write_text
+from emae.provenance import encoder_digest, tree_digest, write_metrics
 from emae.seeding import derive_seed, seed_everything
 from emae.train import distributed
 from emae.train.common import add_config_arguments, config_from_args, default_device
@@ -120,8 +121,9 @@ def detect(config: Config, encoder: Path, out: Path, random_init: bool = False) 
         return model(images, targets)
 
     model.transform.min_size = tuple(cfg.min_size)
+    inputs = {"encoder": encoder_digest(encoder, random_init), "data": tree_digest(cfg.root)}
     train = fit(model, train_set, detection_collate, step, cfg, "detect", out,
-                encoder_origin(encoder, random_init), no_weight_decay(), device, dist_info)
+                inputs, no_weight_decay(), device, dist_info)
     model.transform.min_size = (cfg.test_min_size,)
     start = time.perf_counter()
     detections = predict(model, val_set, cfg.eval_batch_size, device, dist_info)
@@ -136,7 +138,7 @@ def detect(config: Config, encoder: Path, out: Path, random_init: bool = False) 
                    "final_loss": train["final_loss"], "eval_seconds": time.perf_counter() - start,
                    "num_val_images": len(val_set), "world_size": dist_info.world_size,
                    "random_init": random_init, "encoder": str(encoder)}
-        write_json(out / "metrics.json", metrics)
+        metrics = write_metrics(out / "metrics.json", metrics, inputs, dist_info.world_size)
     distributed.barrier(dist_info)
     distributed.cleanup(dist_info)
     return metrics

@@ -11,7 +11,6 @@ its share of every step's images; gradient accumulation over `accum_iter` batche
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ from emae.data import ResumableBatchSampler, SeededDataset
 from emae.errors import EmaeError
 from emae.io import atomic_write_text
 from emae.seeding import derive_seed
-from emae.train.checkpoint import load_checkpoint, save_checkpoint
+from emae.train.checkpoint import RunCheckpoint
 from emae.train import distributed
 from emae.train.common import LossMeter, autocast, autocast_dtype, optimizer_step
 
@@ -59,35 +58,23 @@ def build_optimizer(model: torch.nn.Module, cfg: Any, no_weight_decay: list[str]
     return optimizer, scheduler
 
 
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def encoder_origin(encoder: str | Path, random_init: bool) -> str:
-    """What the backbone starts from, for the resume check: the export's digest (+ random init)."""
-    return ("random-init of " if random_init else "") + file_digest(encoder)
-
-
 def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: StepFn, cfg: Any,
-        section: str, out: Path, encoder: str, no_weight_decay: list[str],
+        section: str, out: Path, inputs: dict[str, str], no_weight_decay: list[str],
         device: torch.device, dist_info: distributed.DistInfo) -> dict[str, Any]:
     """Train `model` for cfg.iterations optimizer steps into `out` (resuming from
-    out/checkpoints/last.pt; `encoder` names the backbone's start, see `encoder_origin`). Each
+    out/checkpoints/last.pt when it was made from the same `inputs`: digests of the backbone's
+    start and of the data). Each
     step takes cfg.accum_iter batches of cfg.batch_size images on every rank (DDP when there are
     several). Returns {"train_seconds", "final_loss"}; the model holds the final weights on every
     rank."""
-    ckpt_path = out / "checkpoints" / "last.pt"
-    settings = {"section": section, "params": cfg.model_dump(mode="json"), "encoder": encoder,
-                "world_size": dist_info.world_size}
+    ckpt = RunCheckpoint(out / "checkpoints" / "last.pt", inputs, dist_info.world_size)
+    ckpt_path = ckpt.path
+    settings = {"section": section, "params": cfg.model_dump(mode="json")}
     optimizer, scheduler = build_optimizer(model, cfg, no_weight_decay)
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     iteration, elapsed, last_loss = 0, 0.0, math.nan
-    state = load_checkpoint(ckpt_path)
+    state = ckpt.load()
     if state is not None:
         _check_same_run(state["settings"], settings, ckpt_path)
         model.load_state_dict(state["model"])
@@ -154,7 +141,7 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
                 now = elapsed + time.perf_counter() - start
                 if dist_info.is_main:
-                    save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    ckpt.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                                 "scaler": scaler.state_dict(), "iteration": iteration,
                                                 "elapsed_seconds": now, "loss": last_loss,
                                                 "settings": settings})
@@ -173,10 +160,7 @@ def _top_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 def _check_same_run(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
-    """Resuming with other params or another encoder would silently mix two runs."""
-    if saved["encoder"] != now["encoder"]:
-        raise EmaeError(f"{path} was trained from another encoder (export or --random-init); use another "
-                        "--out or move it away")
+    """Resuming with other params would silently mix two runs."""
     changed = [f"{saved['section']}.{k}: {saved['params'].get(k)!r} -> {v!r}"
                for k, v in now["params"].items()
                if k not in RESUMABLE_KEYS and saved["params"].get(k) != v]

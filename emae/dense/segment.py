@@ -32,9 +32,9 @@ from tqdm import tqdm
 from emae.config import Config, save_config
 from emae.dense.backbone import ViTDetBackbone, build_backbone, no_weight_decay, vit_group_matcher
 from emae.dense.data import SemanticSegmentation, pad_batch, segmentation_collate
-from emae.dense.engine import encoder_origin, fit
+from emae.dense.engine import fit
 from emae.eval.features import add_random_init_argument
-from emae.io import write_json
+from emae.provenance import encoder_digest, tree_digest, write_metrics
 from emae.seeding import derive_seed, seed_everything
 from emae.train import distributed
 from emae.train.common import add_config_arguments, config_from_args, default_device
@@ -132,8 +132,9 @@ def segment(config: Config, encoder: Path, out: Path, random_init: bool = False)
         y = pad_batch([l.unsqueeze(0) for l in labels], divisor, cfg.ignore_index)[:, 0].to(device)
         return {"loss_ce": F.cross_entropy(model(x), y, ignore_index=cfg.ignore_index)}
 
+    inputs = {"encoder": encoder_digest(encoder, random_init), "data": tree_digest(cfg.root)}
     train = fit(model, train_set, segmentation_collate, step, cfg, "segment", out,
-                encoder_origin(encoder, random_init), no_weight_decay(), device, dist_info)
+                inputs, no_weight_decay(), device, dist_info)
     start = time.perf_counter()
     scores = evaluate(model, val_set, cfg.num_classes, cfg.ignore_index, cfg.eval_batch_size, divisor,
                       device, dist_info)
@@ -142,7 +143,7 @@ def segment(config: Config, encoder: Path, out: Path, random_init: bool = False)
                "num_val_images": len(val_set), "world_size": dist_info.world_size,
                "random_init": random_init, "encoder": str(encoder)}
     if dist_info.is_main:
-        write_json(out / "metrics.json", metrics)
+        metrics = write_metrics(out / "metrics.json", metrics, inputs, dist_info.world_size)
     distributed.barrier(dist_info)
     distributed.cleanup(dist_info)
     return metrics

@@ -29,10 +29,10 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from emae.config import Config, Section
-from emae.data import build_dataset, eval_transform
+from emae.data import build_dataset, dataset_digest, eval_transform
 from emae.errors import EmaeError
 from emae.eval.features import add_checkpoint_argument
-from emae.io import write_json
+from emae.provenance import file_digest, write_metrics
 from emae.losses import patch_targets
 from emae.masking import parallel_masks
 from emae.models import EMAE
@@ -142,7 +142,8 @@ def evaluate_consistency(config: Config, checkpoint: Path, out: Path) -> dict[st
     metrics |= {"num_images": min(cfg.num_images, len(val_set)), "rounds": cfg.rounds,
                 "mask_ratio": model.mask_ratio, "num_parts_trained": trained.model.num_parts,
                 "checkpoint": str(checkpoint), "seconds": time.perf_counter() - start}
-    write_json(out / "metrics.json", metrics)
+    inputs = {"checkpoint": file_digest(checkpoint), "data": dataset_digest(config.data)}
+    metrics = write_metrics(out / "metrics.json", metrics, inputs, world_size=1)
     log.info("prediction consistency %.4g over %d patches -> %s", metrics["consistency"],
              metrics["patches_counted"], out / "metrics.json")
     return metrics

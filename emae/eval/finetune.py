@@ -43,14 +43,14 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from emae.config import Betas, Config, Section
-from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, eval_transform
+from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest, eval_transform
 from emae.errors import EmaeError
 from emae.eval.features import add_checkpoint_argument, build_encoder, topk_correct
 from emae.eval.training import append_jsonl, check_same_run, truncate_log
-from emae.io import write_json
+from emae.provenance import encoder_digest, write_metrics
 from emae.seeding import derive_seed, seed_everything, set_rng_states
 from emae.train import distributed
-from emae.train.checkpoint import load_checkpoint, save_checkpoint
+from emae.train.checkpoint import RunCheckpoint
 from emae.train.common import (LossMeter, add_config_arguments, autocast, autocast_dtype, config_from_args,
                                default_device, optimizer_step)
 
@@ -182,9 +182,12 @@ def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
     run_config = {"finetune": cfg.model_dump(mode="json"), "data": config.data.model_dump(mode="json")}
 
     # resume
-    ckpt_path = out / "checkpoints" / "last.pt"
+    ckpt = RunCheckpoint(out / "checkpoints" / "last.pt",
+                         {"encoder": encoder_digest(checkpoint), "data": dataset_digest(config.data)},
+                         dist_info.world_size)
+    ckpt_path = ckpt.path
     step, elapsed = 0, 0.0
-    state = load_checkpoint(ckpt_path)
+    state = ckpt.load()
     if state is not None:
         check_same_run(state["config"], run_config, ckpt_path,
                        ignore={"epochs", "num_workers", "root", "eval_every_epochs"})
@@ -210,7 +213,7 @@ def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
         meter.raise_if_non_finite(ckpt_path)
         rng = distributed.gather_rng_states(dist_info)
         if dist_info.is_main:
-            save_checkpoint(ckpt_path, {
+            ckpt.save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "elapsed_seconds": elapsed_now,
                 "config": run_config, "rng": rng})
@@ -282,7 +285,7 @@ def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
                    "epochs": cfg.epochs, "steps": step, "lr": lr, "effective_batch_size": eff_batch,
                    "finetune_seconds": elapsed, "world_size": dist_info.world_size,
                    "checkpoint": str(checkpoint)}
-        write_json(out / "metrics.json", metrics)
+        metrics = write_metrics(out / "metrics.json", metrics, ckpt.inputs, dist_info.world_size)
         log.info("fine-tuned: top-1 %.2f%%, top-5 %.2f%% -> %s", metrics["top1"], metrics["top5"],
                  out / "metrics.json")
     distributed.barrier(dist_info)

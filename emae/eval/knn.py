@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from emae.config import Config, Section
-from emae.data import build_dataset, eval_transform
+from emae.data import build_dataset, dataset_digest, eval_transform
 from emae.eval.features import (accuracy, add_checkpoint_argument, add_random_init_argument,
                                 build_encoder, extract_features)
-from emae.io import write_json
+from emae.provenance import encoder_digest, write_metrics
 from emae.train import distributed
 from emae.train.common import add_config_arguments, autocast_dtype, config_from_args, default_device
 
@@ -122,7 +122,8 @@ def evaluate_knn(config: Config, checkpoint: Path, out: Path, random_init: bool 
                 "random_init": random_init, "checkpoint": str(checkpoint),
                 "seconds": time.perf_counter() - start}
     if dist_info.is_main:
-        write_json(out / "metrics.json", metrics)
+        inputs = {"encoder": encoder_digest(checkpoint, random_init), "data": dataset_digest(config.data)}
+        metrics = write_metrics(out / "metrics.json", metrics, inputs, dist_info.world_size)
         log.info("kNN (k=%d, T=%g): top-1 %.2f%%, top-5 %.2f%% -> %s", cfg.k, cfg.temperature,
                  metrics["top1"], metrics["top5"], out / "metrics.json")
     distributed.barrier(dist_info)

@@ -36,15 +36,15 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from emae.config import Config, Section
-from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, eval_transform
+from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest, eval_transform
 from emae.errors import EmaeError
 from emae.eval.features import (accuracy, add_checkpoint_argument, add_random_init_argument,
                                 build_encoder, extract_features, pooled)
 from emae.eval.training import append_jsonl, check_same_run, truncate_log
-from emae.io import write_json
+from emae.provenance import encoder_digest, write_metrics
 from emae.seeding import derive_seed, seed_everything, set_rng_states
 from emae.train import distributed
-from emae.train.checkpoint import load_checkpoint, save_checkpoint
+from emae.train.checkpoint import RunCheckpoint
 from emae.train.common import (add_config_arguments, autocast, autocast_dtype, config_from_args,
                                default_device)
 
@@ -120,16 +120,18 @@ def evaluate_linprobe(config: Config, checkpoint: Path, out: Path, random_init: 
     train_set = build_dataset(config.data, "train", train_tf)
     val_set = build_dataset(config.data, "val", eval_transform(config.data))
     encoder = build_encoder(checkpoint, config.data, random_init=random_init, seed=cfg.seed)
-    metrics = linear_probe(encoder, config, out, train_set, val_set)
+    inputs = {"encoder": encoder_digest(checkpoint, random_init), "data": dataset_digest(config.data)}
+    metrics = linear_probe(encoder, config, out, train_set, val_set, inputs)
     if metrics:
         metrics |= {"random_init": random_init, "checkpoint": str(checkpoint)}
-        write_json(out / "metrics.json", metrics)
+        metrics = write_metrics(out / "metrics.json", metrics, inputs, metrics["world_size"])
     return metrics
 
 
-def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, val_set: Any
-                 ) -> dict[str, Any]:
-    """Train a probe on the frozen `encoder` (left unchanged); metrics on rank 0, {} elsewhere."""
+def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, val_set: Any,
+                 inputs: dict[str, str]) -> dict[str, Any]:
+    """Train a probe on the frozen `encoder` (left unchanged; `inputs`: its and the data's
+    digests, which a checkpoint must match to be resumed); metrics on rank 0, {} elsewhere."""
     cfg: LinprobeConfig = config.section("linprobe")
     dist_info = distributed.init_distributed()
     device = default_device()
@@ -162,9 +164,10 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
                                   t_in_epochs=False)
     run_config = {"linprobe": cfg.model_dump(mode="json"), "data": config.data.model_dump(mode="json")}
 
-    ckpt_path = out / "checkpoints" / "last.pt"
+    ckpt = RunCheckpoint(out / "checkpoints" / "last.pt", inputs, dist_info.world_size)
+    ckpt_path = ckpt.path
     step = 0
-    state = load_checkpoint(ckpt_path)
+    state = ckpt.load()
     if state is not None:
         check_same_run(state["config"], run_config, ckpt_path, ignore={"epochs", "num_workers", "root"})
         head.load_state_dict(state["head"])
@@ -183,7 +186,7 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
     def save() -> None:
         rng = distributed.gather_rng_states(dist_info)
         if dist_info.is_main:
-            save_checkpoint(ckpt_path, {"head": head.state_dict(), "optimizer": optimizer.state_dict(),
+            ckpt.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
                                         "step": step, "config": run_config, "rng": rng})
         distributed.barrier(dist_info)
 
@@ -231,7 +234,8 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
     metrics = {"top1": record["top1"], "top5": record["top5"], "best_top1": best,
                "epochs": cfg.epochs, "steps": step, "lr": lr, "feature_dim": int(val_feats.shape[1]),
                "num_train": len(train_set), "num_val": len(val_set), "augment": cfg.augment, "pool": cfg.pool,
-               "seconds": time.perf_counter() - start}
+               "effective_batch_size": cfg.batch_size * dist_info.world_size,
+               "world_size": dist_info.world_size, "seconds": time.perf_counter() - start}
     distributed.barrier(dist_info)
     distributed.cleanup(dist_info)
     return metrics if dist_info.is_main else {}

@@ -26,10 +26,11 @@ import torch  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from emae.config import Config, Section  # noqa: E402
-from emae.data import build_dataset, eval_transform  # noqa: E402
+from emae.data import build_dataset, dataset_digest, eval_transform  # noqa: E402
 from emae.eval.consistency import load_model_for_data  # noqa: E402
 from emae.eval.features import add_checkpoint_argument  # noqa: E402
-from emae.io import atomic_write, write_json  # noqa: E402
+from emae.io import atomic_write  # noqa: E402
+from emae.provenance import file_digest, write_metrics  # noqa: E402
 from emae.losses import patch_targets  # noqa: E402
 from emae.models import EMAE  # noqa: E402
 from emae.seeding import derive_seed  # noqa: E402
@@ -144,6 +145,7 @@ def visualize(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
     draw_grid(imgs, panels, out / name, cfg.cell_pixels, config.data.mean, config.data.std, title)
     metrics = {"images": [name], "num_images": n, "num_parts": k, "mask_ratio": model.mask_ratio,
                "recon_loss": [float(v) for v in panels["recon_loss"]], "checkpoint": str(checkpoint)}
-    write_json(out / "metrics.json", metrics)
+    inputs = {"checkpoint": file_digest(checkpoint), "data": dataset_digest(config.data)}
+    metrics = write_metrics(out / "metrics.json", metrics, inputs, world_size=1)
     log.info("wrote %s", out / name)
     return metrics

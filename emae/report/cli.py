@@ -14,11 +14,14 @@ Reads the runs of params/pipeline.yaml (variants x seeds) from `runs/` and `resu
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 from pathlib import Path
 
 from emae.workflow.stages import (CURVES_DIR, PLOTS, RECONSTRUCTIONS_DIR, RUNS_CSV, SUMMARY_CSV,
                                   SUMMARY_MD)
+
+logger = logging.getLogger("emae.report")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from emae.workflow.stages import Pipeline
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     pipeline = Pipeline(_one_params(args.params), args.preset, args.overrides)
     paths = write_report(pipeline, Path(args.out))
@@ -50,17 +55,22 @@ def write_report(pipeline, out: Path, root: Path = Path(".")) -> dict[str, Path]
     """Write every report file under `out`; returns them by name."""
     from emae.io import atomic_write, atomic_write_text
     from emae.report import plots
-    from emae.report.summary import read_log, runs_table, summary_table, to_markdown
+    from emae.report.summary import (provenance_markdown, provenance_table, read_log, runs_table,
+                                     summary_table, to_markdown)
 
     cfg = pipeline.settings.report
     runs = runs_table(pipeline, root)  # reads (and checks) every metrics file first
+    provenance, warnings = provenance_table(pipeline, root)
+    for warning in warnings:
+        logger.warning("%s", warning)
     logs = {run: read_log(root / run.run_dir / "log.jsonl") for run in pipeline.runs}
     summary = summary_table(runs)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in (SUMMARY_CSV, SUMMARY_MD, RUNS_CSV, *PLOTS.values())}
     atomic_write(paths[SUMMARY_CSV], lambda tmp: summary.to_csv(tmp, index=False))
     atomic_write(paths[RUNS_CSV], lambda tmp: runs.to_csv(tmp, index=False))
-    atomic_write_text(paths[SUMMARY_MD], to_markdown(summary, cfg.decimals))
+    atomic_write_text(paths[SUMMARY_MD], to_markdown(summary, cfg.decimals) + "\n"
+                      + provenance_markdown(provenance, warnings))
 
     plots.loss_curves(logs, paths[PLOTS["loss_curves"]], cfg)
     plots.accuracy_curves(logs, paths[PLOTS["accuracy_vs_time"]], "pretrain_seconds", cfg)

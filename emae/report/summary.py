@@ -16,7 +16,8 @@ import pandas as pd
 
 from emae.errors import EmaeError
 from emae.io import read_json
-from emae.workflow.stages import EVAL_STAGES, Pipeline, Run
+from emae.provenance import file_digest
+from emae.workflow.stages import DENSE_STAGES, EVAL_STAGES, MODEL_STAGES, Pipeline, Run
 
 # dense transfer metrics (percent) in the summary, when their stages run
 DENSE_KEYS = {"detect": ("det_ap_box", "det_ap_mask"), "segment": ("seg_miou",)}
@@ -131,4 +132,79 @@ def to_markdown(summary: pd.DataFrame, decimals: int) -> str:
             else:
                 cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------- provenance
+
+# what must agree between the runs of one stage for their figures to be compared
+COMPARED = {"commit": "code (commit + uncommitted diff)", "device": "devices",
+            "versions": "package versions", "world_size": "process counts"}
+
+
+def _describe(provenance: dict[str, Any]) -> dict[str, str]:
+    commit = provenance.get("commit")
+    code = "unknown" if commit is None else commit[:10] + ("+dirty:" + (provenance.get("diff_sha256") or "")[:8]
+                                                          if provenance.get("dirty") else "")
+    devices = provenance.get("device_names") or ["unknown"]
+    device = f"{provenance.get('device_count', len(devices))} x {devices[0]}"
+    versions = ", ".join(f"{k} {provenance.get(k)}" for k in ("emae", "torch", "timm", "cuda")
+                         if provenance.get(k) is not None)
+    return {"commit": code, "device": device, "versions": versions or "unknown",
+            "world_size": str(provenance.get("world_size", "unknown"))}
+
+
+def _expected_inputs(stage: str, run: Run, root: Path) -> dict[str, str]:
+    """The digests a stage's metrics must name to be a result of the run's current artifacts."""
+    artifact = {**{s: "encoder.safetensors" for s in (*EVAL_STAGES, *DENSE_STAGES)},
+                **{s: "checkpoints/last.pt" for s in MODEL_STAGES}}.get(stage)
+    if artifact is None:
+        return {}
+    path = root / run.run_dir / artifact
+    if not path.is_file():
+        raise EmaeError(f"{path}: missing, so the {stage} results of {run.name} cannot be checked "
+                        "against it (rerun its pre-training)")
+    return {"encoder" if artifact.endswith(".safetensors") else "checkpoint": file_digest(path)}
+
+
+def provenance_table(pipeline: Pipeline, root: Path = Path(".")) -> tuple[pd.DataFrame, list[str]]:
+    """One row per (run, stage) with where its metrics come from, and the warnings a reader must
+    see: a result made from other artifacts than the run's current ones (stale), a result without
+    provenance, and runs of one stage that differ in code, devices, versions or process counts."""
+    rows, warnings = [], []
+    stages = ["pretrain", *(s for s in (*EVAL_STAGES, *MODEL_STAGES, *DENSE_STAGES)
+                            if pipeline.stage_enabled(s))]
+    for run in pipeline.runs:
+        for stage in stages:
+            path = root / (run.run_dir if stage == "pretrain" else run.result_dir(stage)) / "metrics.json"
+            metrics = _metrics(path)
+            if "provenance" not in metrics:
+                warnings.append(f"{path}: no provenance recorded (written by an older emae): rerun its stage")
+            inputs = metrics.get("inputs", {})
+            for name, digest in _expected_inputs(stage, run, root).items():
+                recorded = str(inputs.get(name, "")).removeprefix("random-init:")
+                if recorded != digest:
+                    warnings.append(f"{path}: stale: made from another {name} than the current "
+                                    f"{run.run_dir}'s ({recorded[:12] or 'unrecorded'} vs {digest[:12]}): "
+                                    "rerun its stage")
+            rows.append({"run": run.name, "stage": stage, **_describe(metrics.get("provenance", {})),
+                         "hosts": ",".join(metrics.get("provenance", {}).get("hosts", [])),
+                         "finished": metrics.get("provenance", {}).get("finished", "")})
+    table = pd.DataFrame(rows)
+    for stage, group in table.groupby("stage", sort=False):
+        for column, what in COMPARED.items():
+            values = sorted(group[column].unique())
+            if len(values) > 1:
+                warnings.append(f"the {stage} runs differ in {what}: {'; '.join(values)}")
+    return table, warnings
+
+
+def provenance_markdown(table: pd.DataFrame, warnings: list[str]) -> str:
+    """Per stage: the code, devices, versions and process counts its runs used; then warnings."""
+    lines = ["## Provenance", "", "| stage | runs | " + " | ".join(COMPARED) + " |",
+             "|---|---:|" + "---|" * len(COMPARED)]
+    for stage, group in table.groupby("stage", sort=False):
+        cells = [" / ".join(sorted(group[c].unique())) for c in COMPARED]
+        lines.append(f"| {stage} | {len(group)} | " + " | ".join(cells) + " |")
+    lines += ["", *(f"- **Warning:** {w}" for w in warnings)] if warnings else ["", "All compared runs agree."]
     return "\n".join(lines) + "\n"

@@ -1,7 +1,10 @@
-"""The one checkpoint format: a dict saved atomically (temp file + rename) as `last.pt`."""
+"""The one checkpoint format: a dict saved atomically (temp file + rename) as `last.pt`, holding
+the digests of the inputs it was made from and the number of processes that made it."""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +12,8 @@ import torch
 
 from emae.errors import EmaeError
 from emae.io import atomic_write
+
+log = logging.getLogger("emae.checkpoint")
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -24,3 +29,42 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001
         raise EmaeError(f"{path}: cannot read checkpoint ({err}); move it away to start afresh") from None
+
+
+@dataclass
+class RunCheckpoint:
+    """A stage's `last.pt`, tied to what it was made from.
+
+    `inputs` name the stage's inputs by digest (the encoder export, the data set): a checkpoint
+    made from other inputs is not resumed (it would report the old run's figures for the new
+    inputs) but trained again from scratch, with a warning naming both digests. A checkpoint
+    written by another number of processes is refused: steps per epoch, the sampler's shards, the
+    lr and the masks all depend on it.
+    """
+
+    path: Path
+    inputs: dict[str, str]
+    world_size: int
+    restarted: bool = field(default=False, init=False)  # True when a stale checkpoint was found
+
+    def load(self) -> dict[str, Any] | None:
+        state = load_checkpoint(self.path)
+        if state is None:
+            return None
+        saved = state.get("inputs", {})
+        changed = [f"{name} {saved.get(name, 'unrecorded')} -> {digest}"
+                   for name, digest in self.inputs.items() if saved.get(name) != digest]
+        if changed:
+            log.warning("%s was made from other inputs (%s): starting this stage again from scratch",
+                        self.path, "; ".join(changed))
+            self.restarted = True
+            return None
+        saved_world = state.get("world_size")
+        if saved_world is not None and saved_world != self.world_size:
+            raise EmaeError(f"{self.path} was written by {saved_world} process(es) but this run has "
+                            f"{self.world_size}: resume with {saved_world} (the data shards, steps per "
+                            "epoch, lr and masks depend on it), or use another --out")
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        save_checkpoint(self.path, {**state, "inputs": self.inputs, "world_size": self.world_size})

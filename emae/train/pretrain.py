@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -36,15 +37,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from emae.config import Config, save_config
-from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, pretrain_transform
+from emae.data import (ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest,
+                       pretrain_transform)
 from emae.errors import EmaeError
-from emae.io import atomic_write_text, write_json
+from emae.io import atomic_write_text
 from emae.masking import masked_in_both
 from emae.models import EMAE, save_encoder
 from emae.models.export import ENCODER_FILE
+from emae.provenance import write_metrics
 from emae.seeding import derive_seed, seed_everything, set_rng_states
 from emae.train import distributed
-from emae.train.checkpoint import load_checkpoint, save_checkpoint
+from emae.train.checkpoint import RunCheckpoint
 from emae.train.common import (LossMeter, add_config_arguments, autocast, autocast_dtype,
                                config_from_args, default_device, optimizer_step)
 
@@ -114,8 +117,10 @@ def pretrain(config: Config, out: Path,
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     # resume
-    ckpt_path = out / "checkpoints" / "last.pt"
-    state = load_checkpoint(ckpt_path)
+    ckpt = RunCheckpoint(out / "checkpoints" / "last.pt", {"data": dataset_digest(config.data)},
+                         dist_info.world_size)
+    ckpt_path = ckpt.path
+    state = ckpt.load()
     step, elapsed = 0, 0.0
     if state is not None:
         _check_same_run(state["config"], config, ckpt_path, state["step"], steps_per_epoch)
@@ -140,6 +145,8 @@ def pretrain(config: Config, out: Path,
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
         _truncate_logs(out, step, steps_per_epoch)
+        if ckpt.restarted:  # the stale run's TensorBoard scalars would mix with this one's
+            shutil.rmtree(out / "tb", ignore_errors=True)
         if (config.model.num_parts > 1 and config.model.consistency_weight > 0
                 and masked_in_both(config.num_patches, config.model.mask_ratio) == 0):
             log.warning("K=%d at mask_ratio=%g: no patch is masked in two parts, so the consistency term "
@@ -189,7 +196,7 @@ def pretrain(config: Config, out: Path,
             if step % cfg.checkpoint_every_steps == 0:
                 meter.raise_if_non_finite(ckpt_path)
                 elapsed_now = elapsed + time.perf_counter() - epoch_start
-                _save(ckpt_path, model, optimizer, scaler, config, step, elapsed_now, dist_info)
+                _save(ckpt, model, optimizer, scaler, config, step, elapsed_now, dist_info)
         progress.close()
         epoch_seconds = time.perf_counter() - epoch_start
         elapsed += epoch_seconds
@@ -208,7 +215,7 @@ def pretrain(config: Config, out: Path,
                 for k, v in epoch_stats.items():
                     writer.add_scalar(f"epoch/{k}", v, epoch + 1)
         # end of epoch: save again (the timing and log line are now complete)
-        _save(ckpt_path, model, optimizer, scaler, config, step, elapsed, dist_info)
+        _save(ckpt, model, optimizer, scaler, config, step, elapsed, dist_info)
         if epoch_callback is not None and dist_info.is_main:
             epoch_callback(epoch_stats)
 
@@ -223,11 +230,11 @@ def pretrain(config: Config, out: Path,
                    "final_consistency_loss": epoch_stats.get("consistency_loss"),
                    "num_parts": config.model.num_parts, "mask_ratio": config.model.mask_ratio,
                    "consistency_weight": config.model.consistency_weight,
-                   "effective_batch_size": eff_batch, "world_size": dist_info.world_size}
+                   "effective_batch_size": eff_batch, "lr": lr, "world_size": dist_info.world_size}
         for key in ("knn_top1", "knn_top5"):
             if key in epoch_stats:
                 metrics[key] = epoch_stats[key]
-        write_json(out / "metrics.json", metrics)
+        metrics = write_metrics(out / "metrics.json", metrics, ckpt.inputs, dist_info.world_size)
         if writer is not None:
             writer.close()
     distributed.barrier(dist_info)
@@ -238,11 +245,11 @@ def pretrain(config: Config, out: Path,
 # ---------------------------------------------------------------------------------- helpers
 
 
-def _save(path: Path, model: EMAE, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+def _save(ckpt: RunCheckpoint, model: EMAE, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
           config: Config, step: int, elapsed: float, dist_info: distributed.DistInfo) -> None:
     rng = distributed.gather_rng_states(dist_info)
     if dist_info.is_main:
-        save_checkpoint(path, {
+        ckpt.save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "step": step, "elapsed_seconds": elapsed,
             "config": config.to_dict(), "rng": rng,
