@@ -27,7 +27,15 @@ from emae.launch import (
     watch,
 )
 from emae.launch.cli import split_rest
-from emae.launch.runner import GONE, SlurmStateProbe
+from emae.launch.runner import GONE, LaunchError, SlurmStateProbe, precheck
+from emae.launch.slurm import (
+    fit_resources,
+    gres_gpus,
+    never_resolves,
+    parse_slurm_minutes,
+    query_partition,
+    request_problems,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -221,9 +229,11 @@ def test_local_subprocess_interrupt(tmp_path: Path) -> None:
 # ------------------------------------------------------------- SLURM state without a cluster (fake CLI)
 
 
-def _fake_slurm(bin_dir: Path, squeue: str, sacct: str) -> None:
+def _fake_slurm(bin_dir: Path, squeue: str, sacct: str, **more: str) -> None:
+    """squeue, sacct (and any of `more`: scancel, scontrol, sinfo) as shell scripts on PATH."""
     bin_dir.mkdir(parents=True, exist_ok=True)
-    for name, body in (("squeue", squeue), ("sacct", sacct), ("srun", "exit 0"), ("scancel", "exit 0")):
+    tools = {"squeue": squeue, "sacct": sacct, "srun": "exit 0", "scancel": "exit 0", **more}
+    for name, body in tools.items():
         path = bin_dir / name
         path.write_text(f"#!/bin/sh\n{body}\n")
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
@@ -275,3 +285,141 @@ def test_watch_never_hangs_on_a_job_that_vanished(tmp_path: Path, monkeypatch: p
     assert "no longer known" in outcome.message and "Killed" in outcome.message
     assert "sacct unavailable" in err.getvalue()
     assert time.monotonic() - start < 10
+
+
+def test_watch_shows_the_pending_reason_and_cancels_a_job_that_can_never_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """squeue says PENDING (Priority) twice, then PartitionConfig: the reason is printed at every
+    state check, then the job is scancel'ed and reported with the reason and what it asked for."""
+    from submitit.slurm.slurm import SlurmJob
+
+    bin_dir, count, cancelled = tmp_path / "bin", tmp_path / "count", tmp_path / "cancelled"
+    _fake_slurm(bin_dir,
+                squeue=f'echo x >> {count}; if [ -e {cancelled} ]; then echo "CANCELLED|None|debug|1|10|4G|N/A|1:00:00"; '
+                       f'elif [ $(wc -l < {count}) -le 2 ]; then echo "PENDING|Priority|debug|1|1|4G|N/A|1:00:00"; '
+                       'else echo "PENDING|PartitionConfig|debug|1|10|4G|gres:gpu:1|1:00:00"; fi',
+                sacct='echo "accounting storage is disabled" >&2; exit 1',
+                scancel=f'echo "$@" > {cancelled}')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    (tmp_path / "logs").mkdir()
+    job = SlurmJob(folder=tmp_path / "logs", job_id="42")
+    config = load_launcher_config(None, ["poll_interval_s=0.05", "state_interval_s=0.05"])
+    out, err = io.StringIO(), io.StringIO()
+    start = time.monotonic()
+    outcome = watch(job, config, out=out, err=err, describe="stage 'pretrain'")
+    assert time.monotonic() - start < 5
+    log = err.getvalue()
+    assert "job 42 (stage 'pretrain'): PENDING (Priority)\n" in log
+    assert "job 42 (stage 'pretrain'): PENDING (Priority), 0s in the queue\n" in log  # every check
+    assert "PENDING (PartitionConfig): it can never start; cancelling it" in log
+    assert cancelled.read_text().split() == ["42"]
+    assert not outcome.ok and outcome.state == "CANCELLED" and outcome.returncode == 1
+    assert outcome.message.startswith("job 42 (stage 'pretrain') can never start: SLURM keeps it pending with "
+                                      "reason PartitionConfig (no node of its partition has the CPUs")
+    assert "It asked for: partition debug, nodes 1, CPUs 10, memory 4G, gres:gpu:1, time limit 1:00:00" in outcome.message
+
+
+@pytest.mark.parametrize("reason, never", [
+    ("PartitionConfig", True), ("PartitionNodeLimit", True), ("PartitionTimeLimit", True), ("BadConstraints", True),
+    ("ReqNodeNotAvail, UnavailableNodes:", True), ("ReqNodeNotAvail, UnavailableNodes:gpu[1-2]", False),
+    ("QOSMaxCpuPerJobLimit", True), ("AssocMaxNodesPerJobLimit", True), ("QOSMaxCpuPerUserLimit", False),
+    ("Resources", False), ("Priority", False), ("BeginTime", False), ("JobHeldUser", False), ("None", False),
+])
+def test_pending_reasons_that_never_resolve(reason: str, never: bool) -> None:
+    assert bool(never_resolves(reason)) == never
+
+
+def test_slurm_times_and_gres() -> None:
+    assert [parse_slurm_minutes(t) for t in ("UNLIMITED", "30", "30:30", "2:00:00", "1-00:00:00", "2-12")] == \
+        [None, 30, 30.5, 120, 1440, 3600]
+    assert [gres_gpus(g) for g in ("(null)", "gpu:1", "gpu:a100:4(S:0-1)", "gpu:a100:2,gpu:v100:2,mps:100")] == [0, 1, 4, 4]
+
+
+# A cluster as `scontrol show -o partition` and `sinfo -N` describe it: partition gpu (MaxTime one day,
+# MaxNodes 4) with a many-CPU node and a big-memory node, partition cpu (the default).
+SCONTROL = (
+    "PartitionName=gpu AllowGroups=ALL Default=NO MaxNodes=4 MaxTime=1-00:00:00 MinNodes=0 MaxCPUsPerNode=UNLIMITED "
+    "Nodes=g[1-2] State=UP TotalCPUs=48 TotalNodes=2 MaxMemPerNode=UNLIMITED TRES=cpu=48,mem=757000M,gres/gpu=8\n"
+    "PartitionName=cpu AllowGroups=ALL Default=YES MaxNodes=UNLIMITED MaxTime=UNLIMITED Nodes=c1 State=UP\n")
+SINFO = 'case "$*" in *gpu*) printf "g1|32|257000|gpu:a100:4(S:0-1)\\ng2|16|500000|gpu:a100:4(S:0)\\n";; *) echo "c1|64|128000|(null)";; esac'
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The fake cluster's scontrol/sinfo on PATH; params/launcher.yaml in the working directory."""
+    bin_dir = tmp_path / "bin"
+    (tmp_path / "scontrol.out").write_text(SCONTROL)
+    _fake_slurm(bin_dir, squeue="exit 1", sacct="exit 1", scontrol=f"cat {tmp_path / 'scontrol.out'}", sinfo=SINFO)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params").mkdir()
+    return tmp_path
+
+
+def _stage_config(cluster: Path, pretrain: str, *overrides: str) -> LauncherConfig:
+    (cluster / "params" / "launcher.yaml").write_text(
+        f"launcher:\n  kind: slurm\n  resources: {{partition: gpu, time_min: 60}}\n  stages:\n    pretrain: {pretrain}\n")
+    return load_launcher_config(Path("params/launcher.yaml"), list(overrides))
+
+
+def test_precheck_names_the_request_what_the_partition_offers_and_the_setting(cluster: Path) -> None:
+    config = _stage_config(cluster, "{cpus_per_task: 40, gpus_per_node: 4, mem_gb: 64}", "resources.time_min=2880")
+    with pytest.raises(LaunchError) as info:
+        precheck(config, "pretrain")
+    assert str(info.value).splitlines() == [
+        "stage pretrain does not fit partition 'gpu' (2 nodes; largest: 32 CPUs, 488.3 GB memory, 4 GPUs; "
+        "MaxTime 1-00:00:00, MaxNodes 4):",
+        "  stage pretrain asks for 40 CPUs per node but the largest node of partition 'gpu' has 32 "
+        "(launcher.stages.pretrain.cpus_per_task / params/launcher.yaml)",
+        "  stage pretrain asks for 2880 minutes but partition 'gpu' allows at most 1440 (MaxTime 1-00:00:00) "
+        "(launcher.resources.time_min / override 'resources.time_min=2880')",
+    ]
+    config = _stage_config(cluster, "{gpus_per_node: 8}")
+    with pytest.raises(LaunchError, match=r"^stage pretrain asks for 8 GPUs per node but the largest node of "
+                       r"partition 'gpu' has 4 \(launcher.stages.pretrain.gpus_per_node / params/launcher.yaml\)$"):
+        precheck(config, "pretrain")
+
+
+def test_precheck_node_shapes_node_counts_and_the_default_partition(cluster: Path) -> None:
+    # enough CPUs on g1 and enough memory on g2, but not both on one node
+    with pytest.raises(LaunchError, match=r"asks for 20 CPUs, 300 GB and 0 GPUs per node but no node of partition "
+                       r"'gpu' has them all \(its nodes: 32 CPUs, 251 GB, 4 GPUs; 16 CPUs, 488.3 GB, 4 GPUs\)"):
+        precheck(_stage_config(cluster, "{cpus_per_task: 20, mem_gb: 300}"), "pretrain")
+    with pytest.raises(LaunchError, match=r"asks for 2 nodes but partition 'gpu' has 1 that can give it what it "
+                       r"asks per node \(launcher.stages.pretrain.nodes / params/launcher.yaml\)"):
+        precheck(_stage_config(cluster, "{cpus_per_task: 20, nodes: 2}"), "pretrain")
+    with pytest.raises(LaunchError, match=r"asks for 5 nodes but partition 'gpu' allows 4 per job \(MaxNodes\)"):
+        precheck(_stage_config(cluster, "{nodes: 5}"), "pretrain")
+    with pytest.raises(LaunchError, match=r"partition 'nope', which SLURM does not have \(partitions: cpu, gpu\) "
+                       r"\(launcher.stages.pretrain.partition / params/launcher.yaml\)"):
+        precheck(_stage_config(cluster, "{partition: nope}"), "pretrain")
+    precheck(_stage_config(cluster, "{cpus_per_task: 16, tasks_per_node: 2, mem_gb: 250, gpus_per_node: 4}"), "pretrain")
+    # no partition asked: the cluster's default one (cpu: 64 CPUs, no GPU)
+    with pytest.raises(LaunchError, match=r"asks for 1 GPU per node but the largest node of partition 'cpu' has none"):
+        precheck(_stage_config(cluster, "{gpus_per_node: 1}", "resources.partition=null"), "pretrain")
+
+
+def test_fitted_resources_pass_the_precheck(cluster: Path) -> None:
+    config = _stage_config(cluster, "{cpus_per_task: 40, tasks_per_node: 1, mem_gb: 600, gpus_per_node: 8, nodes: 3}",
+                           "resources.time_min=2880")
+    part = query_partition("gpu")
+    fitted = fit_resources(config.for_stage("pretrain"), part)
+    assert (fitted.cpus_per_task, fitted.mem_gb, fitted.gpus_per_node, fitted.nodes, fitted.time_min) == \
+        (32, 250, 4, 1, 1440)  # the node keeping most of the request: g1
+    small = _stage_config(cluster, "{}").for_stage("report")
+    assert fit_resources(small, part) == small  # what fits is left alone
+    config.stages["pretrain"] = config.stages["pretrain"].model_copy(update=fitted.model_dump(include={
+        "cpus_per_task", "mem_gb", "gpus_per_node", "nodes", "time_min"}))
+    assert request_problems(config, "pretrain", part) == []
+
+
+def test_precheck_is_skipped_when_slurm_cannot_be_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    bin_dir = tmp_path / "bin"
+    _fake_slurm(bin_dir, squeue="exit 1", sacct="exit 1",
+                scontrol='echo "slurm_load_partitions: Unable to contact slurm controller (connect failure)" >&2; exit 1')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    config = load_launcher_config(None, ["kind=slurm", "resources.cpus_per_task=1000"])
+    with caplog.at_level("DEBUG", logger="emae.launch"):
+        precheck(config, "pretrain")  # does not raise, does not block
+    assert "Unable to contact slurm controller" in caplog.text

@@ -39,8 +39,9 @@ CPU_STAGES = {"emae-prepare", "emae-report"}
 
 
 def install_profile(xdg: Path) -> None:
-    """`emae install-profile --partition debug`, then what a user edits for their cluster: this
-    node's 2 CPUs and a few GB (the template asks for 8-10 CPUs and 32-64 GB per job)."""
+    """`emae install-profile --partition debug` (which caps the template's 8-10 CPUs and 32-64 GB
+    per job to the node: tests/test_slurm_unschedulable.py), then smaller still, so that the jobs
+    share the 2-CPU node and the test stays quick."""
     env = cli_env() | {"XDG_CONFIG_HOME": str(xdg)}
     subprocess.run([sys.executable, "-m", "emae.cli", "install-profile", "--partition", "debug"],
                    env=env, check=True, capture_output=True)

@@ -7,8 +7,13 @@ settings come from FILE (its ``launcher:`` section, or the whole mapping), by de
 ``params/launcher.yaml`` when it exists, else the defaults (``kind: local``); ``key=value`` overrides
 use dotted keys: ``kind=slurm resources.partition=gpu stages.pretrain.gpus_per_node=2``.
 
-Exit status: 0 when the command succeeded; its own exit code, or 1, when it failed or the job died;
-2 for bad settings; 128+N when interrupted by signal N (the SLURM job is cancelled first).
+On SLURM, a request that no node of its partition can run is refused before submitting (unless
+--no-precheck), and a job that SLURM keeps pending for a reason that cannot resolve
+(PartitionConfig, ...) is cancelled; see docs/slurm.md.
+
+Exit status: 0 when the command succeeded; its own exit code, or 1, when it failed, the job died or
+could never start; 2 for bad settings or a request the partition cannot run; 128+N when interrupted
+by signal N (the SLURM job is cancelled first).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ DEFAULT_PARAMS = Path("params") / "launcher.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.usage = "emae launch --stage NAME [--launcher-params FILE] [key=value ...] -- COMMAND [ARGS...]"
+    parser.usage = ("emae launch --stage NAME [--launcher-params FILE] [--no-precheck] [--dry-run] "
+                    "[key=value ...] -- COMMAND [ARGS...]")
     parser.description = __doc__.split("\n\n")[0]
     parser.epilog = "\n\n".join(__doc__.split("\n\n")[2:])
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -35,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--entry", default=DEFAULT_ENTRY, metavar="MODULE:FUNCTION",
                         help="function run with the command line (default: %(default)s; "
                         "emae.launch.selftest:main checks a cluster set-up)")
+    parser.add_argument("--no-precheck", action="store_true",
+                        help="submit without first checking the request against the partition's nodes "
+                        "(same as precheck=false; a job SLURM can never start is still cancelled)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved settings and resources of the stage, and exit")
     parser.add_argument("rest", nargs=argparse.REMAINDER, metavar="[key=value ...] -- COMMAND ...",
@@ -60,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     from emae.launch.config import load_launcher_config
 
     overrides, argv = split_rest(list(args.rest))
+    if args.no_precheck:
+        overrides.append("precheck=false")
     source = args.launcher_params
     if source is None and DEFAULT_PARAMS.is_file():
         source = DEFAULT_PARAMS

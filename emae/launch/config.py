@@ -34,6 +34,7 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    PrivateAttr,
     ValidationError,
 )
 
@@ -119,8 +120,41 @@ class LauncherConfig(BaseModel):
         description="a job that neither sacct nor squeue knows (or that they cannot be asked about) "
         "for this long is reported failed: the launcher never waits forever",
     )
+    precheck: bool = Field(
+        True, description="before submitting, check the request against the partition's largest node "
+        "and MaxTime (sinfo/scontrol); skipped when SLURM cannot be asked"
+    )
+    cancel_unschedulable: bool = Field(
+        True, description="cancel a job that SLURM keeps pending for a reason that cannot resolve "
+        "(PartitionConfig, PartitionNodeLimit, PartitionTimeLimit, BadConstraints, ...)"
+    )
     resources: Resources = Field(default_factory=Resources)
     stages: dict[str, ResourceOverrides] = Field(default_factory=dict)
+    # Where each setting came from, for messages: "launcher.<dotted key>" -> file or override (the
+    # keys of emae.config's origin map); keys not in it come from `_source`. Set by the loader.
+    _origin: dict[str, str] = PrivateAttr(default_factory=dict)
+    _source: str = PrivateAttr("launcher defaults")
+
+    def set_origin(self, source: str, origin: Mapping[str, str] | None = None) -> "LauncherConfig":
+        self._source, self._origin = source, dict(origin or {})
+        return self
+
+    def origin_of(self, key: str) -> str:
+        """The file or override that set `key` (``launcher.stages.pretrain.cpus_per_task``), or a
+        mapping above it (an override ``stages.pretrain={cpus_per_task: 10}``)."""
+        while key:
+            if key in self._origin:
+                return self._origin[key]
+            key = key.rpartition(".")[0]
+        return self._source
+
+    def key_of(self, stage: str | None, name: str) -> str:
+        """The dotted key that decides resource `name` of `stage`: its stage override, when set,
+        else the common ``resources`` one (``launcher.stages.pretrain.cpus_per_task``)."""
+        over = self.stages.get(stage) if stage else None
+        if over is not None and getattr(over, name, None) is not None:
+            return f"launcher.stages.{stage}.{name}"
+        return f"launcher.resources.{name}"
 
     def for_stage(self, stage: str | None) -> Resources:
         """The resources of `stage`: `resources` with the stage's overrides applied."""
@@ -238,10 +272,14 @@ def load_launcher_config(
             data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping of launcher settings, got {type(data).__name__} {data!r}")
+    source = where
     if overrides:
         data = apply_overrides(data, overrides)
         where = f"{where} (with overrides {' '.join(overrides)})"
     try:
-        return LauncherConfig.model_validate(data)
+        config = LauncherConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, where, "")) from None
+    origin = {"launcher." + ".".join(path): f"override {item!r}"
+              for item, (path, _) in zip(overrides, parse_overrides(overrides))}
+    return config.set_origin(source.removesuffix(": launcher"), origin)

@@ -7,17 +7,21 @@ Public API (re-exported by :mod:`emae.launch`):
 - :func:`submit` -- submit only, returns the ``submitit.Job``;
 - :func:`watch` -- stream and wait for a submitted job, returns an :class:`Outcome`;
 - :func:`run_local` -- ``kind: local``: a subprocess (torchrun-style when ``tasks_per_node`` > 1);
-- :func:`slurm_job_state` -- a job's state from ``squeue``, or from ``sacct`` once squeue forgot it.
+- :func:`slurm_job_state` -- a job's state from ``squeue``, or from ``sacct`` once squeue forgot it;
+- :func:`precheck` -- refuse a request that no node of its partition can run (before submitting).
 
 Why not ``job.result()``: submitit learns a job's state only from ``sacct``; on a cluster without
 accounting sacct fails, the state stays UNKNOWN, and a job that died without writing its result
 leaves ``job.result()`` waiting forever. Here the state comes from ``squeue`` first (real time, works
 without accounting), then ``sacct``; a job in a final state without a result is a failure after
 ``result_grace_s``, and a job nobody can tell us about is a failure after ``unknown_state_timeout_s``.
+The same squeue call gives a pending job's reason: shown in the log, and a reason that can never
+resolve (``PartitionConfig``, ...: see :mod:`emae.launch.slurm`) cancels the job.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -31,8 +35,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from emae.errors import ConfigError, EmaeError
+from emae.launch import slurm as slurm_info
 from emae.launch.config import LauncherConfig, Resources
-from emae.launch.job import DEFAULT_ENTRY, EmaeCommand
+from emae.launch.job import DEFAULT_ENTRY, SRUN_ARGS, EmaeCommand
+from emae.launch.slurm import slurm_query as _run
 
 # SLURM job states (squeue %T / sacct State). Anything not final is waited on.
 FINAL_STATES = frozenset(
@@ -41,6 +47,7 @@ FINAL_STATES = frozenset(
 )
 GONE = "GONE"  # the scheduler does not know the job (any more)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+log = logging.getLogger("emae.launch")
 
 
 class LaunchError(EmaeError):
@@ -90,32 +97,39 @@ def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
-def _run(cmd: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str] | None:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
 # -------------------------------------------------------------------------------------------- state
 
 
 class SlurmStateProbe:
     """A job's state: ``squeue`` first (real time, no accounting needed; keeps finished jobs for
     MinJobAge), then ``sacct`` when squeue no longer knows it. Returns a state name, :data:`GONE`
-    when neither knows the job, or None when the scheduler could not be asked (slurmctld down)."""
+    when neither knows the job, or None when the scheduler could not be asked (slurmctld down).
+    After a call, `reason` is squeue's reason for the job (``Resources``, ``PartitionConfig``, ...;
+    empty when squeue did not answer) and `request` what it asked for, in squeue's words."""
+
+    # state | reason | what it asks for: partition, nodes, CPUs, memory, gres per node, time limit
+    SQUEUE_FORMAT = "%T|%r|%P|%D|%C|%m|%b|%l"
 
     def __init__(self) -> None:
         self.sacct_available: bool | None = None  # None: not tried yet
         self.sacct_error = ""
+        self.reason = ""
+        self.request = ""
 
     def _squeue(self, job_id: str) -> str | None:
-        proc = _run(["squeue", "-h", "-j", job_id, "--states=all", "-o", "%T"])
+        self.reason = self.request = ""
+        proc = _run(["squeue", "-h", "-j", job_id, "--states=all", "-o", self.SQUEUE_FORMAT])
         if proc is None:
             return None
         if proc.returncode == 0:
-            states = [s.strip() for s in proc.stdout.splitlines() if s.strip()]
-            return states[0].split()[0].upper() if states else GONE
+            lines = [s.strip() for s in proc.stdout.splitlines() if s.strip()]
+            if not lines:
+                return GONE
+            state, *rest = lines[0].split("|")
+            if rest:
+                self.reason = rest[0].strip()
+                self.request = _describe_request(rest[1:])
+            return state.split()[0].upper()
         if "invalid job id" in (proc.stderr or "").lower():
             return GONE
         return None
@@ -142,6 +156,12 @@ class SlurmStateProbe:
             if state is None and from_sacct == GONE:
                 return None  # slurmctld unreachable and sacct does not know the job yet
         return state
+
+
+def _describe_request(fields: list[str]) -> str:
+    """squeue's %P|%D|%C|%m|%b|%l -> ``partition debug, nodes 1, CPUs 10, memory 4G, gres:gpu:1, ...``"""
+    names = ("partition ", "nodes ", "CPUs ", "memory ", "", "time limit ")
+    return ", ".join(f"{name}{value}" for name, value in zip(names, fields) if value and value != "N/A")
 
 
 def slurm_job_state(job_id: str) -> str | None:
@@ -268,7 +288,9 @@ def watch(
 
     Never waits forever: a job in a final scheduler state (or, locally, whose process exited) without
     a result is failed after ``config.result_grace_s``; a job the scheduler forgot, or that cannot be
-    asked about, after ``config.unknown_state_timeout_s``.
+    asked about, after ``config.unknown_state_timeout_s``; a SLURM job pending for a reason that
+    cannot resolve (``PartitionConfig``, ...) is cancelled at once (``config.cancel_unschedulable``).
+    While it pends, every state check prints ``PENDING (<reason>)``.
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
@@ -285,6 +307,7 @@ def watch(
     unknown_since: float | None = None
     seen_active = False
     warned_sacct = False
+    pending_since = time.monotonic()  # since submission, or since a requeue put it back in the queue
 
     def fail(reason: str, final_state: str) -> Outcome:
         streamer.pump(final=True)
@@ -310,7 +333,18 @@ def watch(
             else:
                 local = _local_state(job)
                 state = "RUNNING" if local == "RUNNING" else local
-            if state is not None and state != last_state:
+            if slurm and state == "PENDING":
+                never = slurm_info.never_resolves(probe.reason) if config.cancel_unschedulable else None
+                if never:
+                    return _cancel_unschedulable(job, probe, never, what, err)
+                # every check, not only on changes: a long wait shows why, and that it is alive
+                reason = f" ({probe.reason})" if probe.reason not in ("", "None") else ""
+                if last_state not in ("PENDING", "SUBMITTED"):
+                    pending_since = now
+                queued = f", {_duration(now - pending_since)} in the queue" if last_state == "PENDING" else ""
+                print(f"emae launch: {what}: PENDING{reason}{queued}", file=err, flush=True)
+                last_state = state
+            elif state is not None and state != last_state:
                 print(f"emae launch: {what}: {state}", file=err, flush=True)
                 last_state = state
             if state is None:  # the scheduler cannot be asked
@@ -341,6 +375,22 @@ def watch(
                 seen_active = True
                 final_since = unknown_since = None
         time.sleep(poll)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _cancel_unschedulable(job: Any, probe: SlurmStateProbe, never: str, what: str, err: IO[str]) -> Outcome:
+    reason, request = probe.reason, probe.request
+    print(f"emae launch: {what}: PENDING ({reason}): it can never start; cancelling it", file=err, flush=True)
+    cancel(job, err=err)
+    message = (f"{what} can never start: SLURM keeps it pending with reason {reason} ({never}); it was "
+               f"cancelled. It asked for: {request or '?'}. Ask for less (what the nodes have: "
+               f"sinfo -N -o '%N %c %m %G'), or pick another partition.")
+    return Outcome(job.job_id, False, "CANCELLED", 1, message, _read_results(job))
 
 
 # ----------------------------------------------------------------------------------------- signals
@@ -438,8 +488,32 @@ def _slurm_additional(res: Resources) -> dict[str, Any]:
     return extra
 
 
+def precheck(config: LauncherConfig, stage: str) -> None:
+    """Raise :class:`LaunchError` when no node of the stage's partition can run what it asks for
+    (CPUs per node, memory, GPUs, nodes, time vs MaxTime): SLURM would accept the job and keep it
+    pending forever. Does nothing when SLURM cannot be asked (a debug log says why)."""
+    res = config.for_stage(stage)
+    try:
+        part = slurm_info.query_partition(res.partition)
+    except slurm_info.PartitionNotFound as missing:
+        key = config.key_of(stage, "partition")
+        raise LaunchError(f"stage {stage} asks for partition {missing.name!r}, which SLURM does not have "
+                          f"(partitions: {', '.join(missing.known) or 'none'}) ({key} / {config.origin_of(key)})"
+                          ) from None
+    if part is None:
+        return
+    problems = slurm_info.request_problems(config, stage, part)
+    if len(problems) == 1:
+        raise LaunchError(problems[0])
+    if problems:
+        raise LaunchError(f"stage {stage} does not fit {part.describe()}:\n  " + "\n  ".join(problems))
+    log.debug("stage %s fits %s", stage, part.describe())
+
+
 def make_executor(config: LauncherConfig, stage: str) -> Any:
-    """A configured ``submitit.AutoExecutor`` for `stage` (``kind`` slurm or submitit-local)."""
+    """A configured ``submitit.AutoExecutor`` for `stage` (``kind`` slurm or submitit-local). On
+    SLURM, the request is :func:`precheck`-ed against its partition first (unless ``config.precheck``
+    is off), so nothing that could never start gets submitted."""
     import submitit
 
     if config.kind == "local":
@@ -469,6 +543,7 @@ def make_executor(config: LauncherConfig, stage: str) -> Any:
             slurm_setup=setup,
             slurm_signal_delay_s=config.signal_delay_s,
             slurm_additional_parameters=_slurm_additional(res),
+            slurm_srun_args=list(SRUN_ARGS),
         )
         for key in ("partition", "account", "qos"):
             value = getattr(res, key)
@@ -480,6 +555,8 @@ def make_executor(config: LauncherConfig, stage: str) -> Any:
         executor.update_parameters(**params)
     except ValueError as exc:
         raise ConfigError(f"launcher resources for stage {stage!r}: {exc}") from None
+    if cluster == "slurm" and config.precheck:
+        precheck(config, stage)
     return executor
 
 
