@@ -15,6 +15,9 @@ from collections.abc import Sequence
 from typing import Any, Callable
 
 DEFAULT_ENTRY = "emae.cli:main"
+# How srun starts a job's tasks: a task that exits non-zero ends the job step, so the other ranks
+# of a distributed run never wait for it in a collective until the NCCL timeout.
+SRUN_ARGS = ("--kill-on-bad-exit=1",)
 
 
 def resolve_entry(entry: str) -> Callable[[list[str]], Any]:
