@@ -57,7 +57,13 @@ def install_profile(xdg: Path) -> None:
 
 
 def without_timings(record: dict) -> dict:
-    return {k: v for k, v in record.items() if "seconds" not in k}  # seconds, pretrain_seconds
+    """What two runs of the same job must share: not timings (seconds, pretrain_seconds), not the
+    provenance (command, hosts, times), not the data digest (file mtimes: each run prepared its own
+    copy); the encoder digest stays."""
+    kept = {k: v for k, v in record.items() if "seconds" not in k and k != "provenance"}
+    if "inputs" in kept:
+        kept["inputs"] = {k: v for k, v in kept["inputs"].items() if k != "data"}
+    return kept
 
 
 def sacct_jobs(since: str) -> list[tuple[str, str]]:
