@@ -423,3 +423,17 @@ def test_precheck_is_skipped_when_slurm_cannot_be_asked(tmp_path: Path, monkeypa
     with caplog.at_level("DEBUG", logger="emae.launch"):
         precheck(config, "pretrain")  # does not raise, does not block
     assert "Unable to contact slurm controller" in caplog.text
+
+
+def test_sbatch_failure_is_a_clean_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No controller: the pre-check cannot ask (skipped), sbatch fails; the launch says so in one
+    line (it was a FailedJobError traceback)."""
+    bin_dir = tmp_path / "bin"
+    down = 'echo "Unable to contact slurm controller (connect failure)" >&2; exit 1'
+    _fake_slurm(bin_dir, squeue=down, sacct=down, scontrol=down,
+                sbatch='echo "sbatch: error: Batch job submission failed: Unable to contact slurm controller" >&2; exit 1')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    config = load_launcher_config(None, ["kind=slurm", f"folder={tmp_path}/logs/%j"])
+    with pytest.raises(LaunchError, match=r"^submitting stage 't' failed: sbatch: error: Batch job submission "
+                       r"failed: Unable to contact slurm controller$"):
+        launch(["echo", "x"], stage="t", config=config, entry=SELFTEST)

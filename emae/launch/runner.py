@@ -584,8 +584,9 @@ def submit(
             output = output.decode(errors="replace")
         raise LaunchError(f"submitting stage {stage!r} failed: {exc}\n{output}".rstrip()) from None
     except Exception as exc:
-        if type(exc).__name__ == "FailedSubmissionError":
-            raise LaunchError(f"submitting stage {stage!r} failed: {exc}") from None
+        # submitit's errors when sbatch refuses the job or no controller answers (FailedJobError)
+        if type(exc).__name__ in ("FailedSubmissionError", "FailedJobError"):
+            raise LaunchError(f"submitting stage {stage!r} failed: {str(exc).strip()}") from None
         raise
     finally:
         if old_pythonpath is None:
