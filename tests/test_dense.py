@@ -259,7 +259,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(encoder: Path,
 
     seg.fit = nan_fit
     try:
-        with pytest.raises(EmaeError, match=r"segment: non-finite loss at step 2 \(loss=nan"):
+        # the third step, numbered as log.jsonl numbers iterations (steps done)
+        with pytest.raises(EmaeError, match=r"segment: non-finite loss at step 3 \(loss=nan"):
             seg.segment(tiny("segment", dense_root), encoder, tmp_path)
     finally:
         seg.fit = real_fit

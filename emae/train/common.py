@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from pathlib import Path
 
 import torch
 
 from emae.config import Config, load_config
 from emae.errors import NonFiniteLossError
+from emae.train import distributed
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, out_required: bool = False) -> None:
@@ -31,6 +33,21 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+CUBLAS_WORKSPACE = ":4096:8"  # what deterministic cuBLAS needs (PyTorch's reproducibility notes)
+
+
+def set_deterministic(deterministic: bool) -> None:
+    """Deterministic algorithms (warning where one has none) for the loops that honour
+    `deterministic`. Call it before any CUDA work: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it
+    starts, and without it every matmul on CUDA >= 10.2 is non-deterministic and warns. A value
+    the user set is kept."""
+    if not deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -63,31 +80,59 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 class LossMeter:
     """Running sums of loss terms kept on the device, and the first step whose terms were not
     finite: a training step never waits for the accelerator to read a loss back; the sums and the
-    non-finite check are read (one host sync) only at log points, checkpoints and epoch ends."""
+    non-finite check are read (one host sync) only at log points, checkpoints and epoch ends.
 
-    def __init__(self, names: list[str], device: torch.device) -> None:
-        self.names = names
+    With several ranks the check is a collective: every rank calls `raise_if_non_finite` at the
+    same points, and all of them raise the same error (one rank raising while the others wait in
+    the next collective would hang the job until the NCCL timeout)."""
+
+    def __init__(self, names: list[str], device: torch.device,
+                 dist_info: distributed.DistInfo = distributed.DistInfo()) -> None:
+        self.names, self.dist_info = names, dist_info
         self.sums = torch.zeros(len(names), device=device)
         self.last = torch.zeros(len(names), device=device)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.bad_values = torch.zeros(len(names), device=device)
 
-    def add(self, step: int, values: list[torch.Tensor], weight: float = 1.0) -> None:
+    def add(self, step_index: int, values: list[torch.Tensor], weight: float = 1.0) -> None:
+        """`step_index`: the 0-based index of the optimizer step these terms belong to (the loops'
+        counter before its increment); errors name it as the logs do, by steps done (index + 1)."""
         v = torch.stack([x.detach().float() for x in values])  # [len(names)]
         first_bad = ~torch.isfinite(v).all() & (self.bad_step < 0)
-        self.bad_step = torch.where(first_bad, step, self.bad_step)
+        self.bad_step = torch.where(first_bad, step_index, self.bad_step)
         self.bad_values = torch.where(first_bad, v, self.bad_values)
         self.sums += v * weight
         self.last = v
 
     def raise_if_non_finite(self, ckpt_path: Path, prefix: str = "") -> None:
-        """Called before every save (a host sync), so no checkpoint holds weights a non-finite loss
-        updated: NonFiniteLossError naming the first such step and its terms."""
-        step = int(self.bad_step)
-        if step >= 0:
-            values = ", ".join(f"{n}={v:.4g}" for n, v in zip(self.names, self.bad_values.tolist()))
-            raise NonFiniteLossError(f"{prefix}non-finite loss at step {step} ({values}); the last good "
-                                     f"checkpoint is kept at {ckpt_path} (a lower learning rate?)")
+        """Called before every save (a host sync; a collective with several ranks), so no
+        checkpoint holds weights a non-finite loss updated: NonFiniteLossError on every rank,
+        naming the first such step over all ranks, the rank and its terms."""
+        found = self._first_bad(ckpt_path)
+        if found is None:
+            return
+        rank, index, bad_values, saved = found
+        where = f" on rank {rank}" if self.dist_info.enabled else ""
+        values = ", ".join(f"{n}={v:.4g}" for n, v in zip(self.names, bad_values))
+        kept = (f"the last good checkpoint is kept at {ckpt_path}" if saved
+                else f"no checkpoint was written yet ({ckpt_path})")
+        raise NonFiniteLossError(f"{prefix}non-finite loss at step {index + 1}{where} ({values}); {kept} "
+                                 "(a lower learning rate?)")
+
+    def _first_bad(self, ckpt_path: Path) -> tuple[int, int, list[float], bool] | None:
+        """(rank, step index, terms, whether rank 0 sees `ckpt_path`) of the earliest non-finite
+        step over the ranks (the lowest rank on a tie), or None: every rank's step and terms in one
+        collective (rank 0, which writes the checkpoints, tells whether one exists: every rank
+        says the same)."""
+        saved = torch.ones(1) if self.dist_info.is_main and ckpt_path.exists() else torch.zeros(1)
+        row = torch.cat([self.bad_step.reshape(1).double(), saved.to(self.bad_step.device).double(),
+                         self.bad_values.double()])
+        table = distributed.gather_rows(row, self.dist_info).cpu()  # [world_size, 2 + len(names)]
+        bad = [(int(r[0]), rank) for rank, r in enumerate(table) if r[0] >= 0]
+        if not bad:
+            return None
+        index, rank = min(bad)
+        return rank, index, table[rank, 2:].tolist(), bool(table[0, 1])
 
     def totals(self) -> dict[str, float]:
         return dict(zip(self.names, self.sums.tolist()))

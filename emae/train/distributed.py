@@ -1,7 +1,15 @@
-"""torch.distributed set-up that works under torchrun, under SLURM (srun / submitit) and alone."""
+"""torch.distributed set-up that works under torchrun, under SLURM (srun / submitit) and alone.
+
+A rank that fails must not leave the others waiting in a collective for ever: the process group
+has a finite timeout (`EMAE_DIST_TIMEOUT_S`, default 10 minutes: a collective that waits longer
+raises), a failing task ends the others (torchrun's agent; srun `--kill-on-bad-exit=1`, set by
+`emae.launch`), and errors the loops detect themselves (a non-finite loss) are agreed on by every
+rank in one collective, so that all raise together (`emae.train.common.LossMeter`).
+"""
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 from dataclasses import dataclass
@@ -9,7 +17,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from emae.errors import EmaeError
 from emae.seeding import rng_states
+
+TIMEOUT_ENV = "EMAE_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0  # NCCL's own default; gloo's (30 min) is longer than a hang should last
 
 
 @dataclass(frozen=True)
@@ -53,8 +65,21 @@ def init_distributed() -> DistInfo:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, init_method="env://")
+    dist.init_process_group(backend=backend, init_method="env://", timeout=collective_timeout())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a collective may wait for the other ranks before it raises (`EMAE_DIST_TIMEOUT_S`)."""
+    text = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(text) if text.strip() else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise EmaeError(f"environment variable {TIMEOUT_ENV}={text!r}: expected a positive number of "
+                        f"seconds (default {DEFAULT_TIMEOUT_S:g})")
+    return datetime.timedelta(seconds=seconds)
 
 
 def barrier(info: DistInfo) -> None:
@@ -68,6 +93,18 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value)
     return value / info.world_size
+
+
+def gather_rows(row: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Every rank's `row` stacked in rank order, [world_size, *row.shape], on every rank: one
+    SUM all-reduce of a zero table that holds this rank's row (a NaN or inf in a row stays as it
+    is: only its own rank adds anything but zeros to it; any backend)."""
+    if not info.enabled:
+        return row.unsqueeze(0)
+    table = torch.zeros((info.world_size, *row.shape), dtype=row.dtype, device=row.device)
+    table[info.rank] = row
+    dist.all_reduce(table)
+    return table
 
 
 def mean_across(value: float, info: DistInfo, device: torch.device) -> float:
