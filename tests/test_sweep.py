@@ -241,6 +241,9 @@ def test_trials_of_dead_owners_are_failed_and_retried(small_digits: Path, tmp_pa
         assert original.state == TrialState.FAIL and original.user_attrs["retried"] is True
         assert retry.system_attrs["fixed_params"] == original.system_attrs["fixed_params"]
         assert retry.user_attrs["attempt"] == 1 and retry.user_attrs["resume_dir"] == f"trials/{original.number}"
+        # the retry renames the folder to its own: the failed trial's run_dir names where it goes
+        assert original.user_attrs["run_dir"] == f"trials/{retry.number}"
+        assert original.user_attrs["retried_as"] == retry.number
     assert sweep.remaining(study) == 2
     # the retries die too: max_retries=1 is spent, they fail for good and keep their slots
     retries = [sweep.next_trial(study, "w") for _ in range(2)]
@@ -249,6 +252,13 @@ def test_trials_of_dead_owners_are_failed_and_retried(small_digits: Path, tmp_pa
     assert len(sweep.recover(study)) == 2 and sweep.remaining(study) == 0
     assert all(t.user_attrs["retried"] is False for t in study.get_trials(states=(TrialState.FAIL,))
                if t.user_attrs.get("attempt") == 1)
+    # metrics.json counts every FAIL row of trials.csv, and says how many of them were retried
+    from emae.sweep.results import write_results
+
+    summary = write_results(sweep, study)
+    table = pd.read_csv(tmp_path / "trials.csv")
+    assert summary["failed"] == (table["state"] == "FAIL").sum() == 4 and summary["retried"] == 2
+    assert json.loads((tmp_path / "metrics.json").read_text())["failed"] == 4
 
 
 def _take_trials(out: str, seen: "multiprocessing.Queue", start: "multiprocessing.Barrier") -> None:
@@ -377,6 +387,7 @@ def test_sigkill_mid_trial_then_rerun_keeps_completed_and_retries_the_killed(
     # the retry resumed the killed attempt's folder: its first epoch is the one logged before the kill
     resumed = out / retry.user_attrs["run_dir"]
     assert resumed.name == str(retry.number) and not (out / "trials" / "1").exists()
+    assert out / after[1].user_attrs["run_dir"] == resumed  # the killed trial's work is there now
     assert resumed.joinpath("log.jsonl").read_text().splitlines()[0] == first_epoch
     assert len(resumed.joinpath("log.jsonl").read_text().splitlines()) == 2
     worker_logs = "".join(p.read_text(errors="replace") for p in (out / "workers").glob("*.log"))
@@ -384,6 +395,8 @@ def test_sigkill_mid_trial_then_rerun_keeps_completed_and_retries_the_killed(
     complete = [t for t in after.values() if t.state == TrialState.COMPLETE]
     assert len(complete) == 2 and len(after) == 3  # the cap: 2 slots, the failed one handed over
     assert (out / "plots" / "heatmap.png").exists() and len(pd.read_csv(out / "trials.csv")) == 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["failed"], metrics["retried"], metrics["complete"]) == (1, 1, 2)
 
 
 # ------------------------------------------------------------------- objective and results

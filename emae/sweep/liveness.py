@@ -7,12 +7,14 @@ time, heartbeat file) and the worker touches `<out>/heartbeats/<number>` every
 ruled out by the start time; zombies count as gone) or, on another host, when its heartbeat is
 older than `stale_after_seconds`. Recovery marks it FAIL and enqueues a retry with the same
 params that adopts (renames) its folder, so the retry resumes the pre-training checkpoint
-instead of starting over. After `max_retries` retries of one point it stays failed.
+instead of starting over; the failed trial's `run_dir` then names the retry's folder (and
+`retried_as` the retry). After `max_retries` retries of one point it stays failed.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
 import threading
@@ -22,6 +24,10 @@ from typing import Any, Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+from emae.sweep.objective import run_dir_name
+
+log = logging.getLogger("emae.sweep")
 
 HEARTBEATS = "heartbeats"
 
@@ -118,10 +124,19 @@ def fail_and_retry(study: optuna.Study, trial: FrozenTrial, reason: str, max_ret
     Call under `study_lock` (two recoverers must not both retry it)."""
     attempt = int(trial.user_attrs.get("attempt", 0))
     retry = attempt < max_retries or not counts
+    folder = trial.user_attrs.get("run_dir")
+    # every trial is created under study_lock, so the retry's number is the count of trials now;
+    # a finished trial cannot be updated, so its run_dir names the retry's folder (which the retry
+    # renames its folder to) before it is failed
+    retry_number = len(study.get_trials(deepcopy=False)) if retry else None
     storage, tid = study._storage, trial._trial_id  # noqa: SLF001 - attrs of a trial we do not own
-    storage.set_trial_user_attr(tid, "failure", reason)
-    storage.set_trial_user_attr(tid, "retried", retry)
     try:
+        storage.set_trial_user_attr(tid, "failure", reason)
+        storage.set_trial_user_attr(tid, "retried", retry)
+        if retry_number is not None:
+            storage.set_trial_user_attr(tid, "retried_as", retry_number)
+            if folder:
+                storage.set_trial_user_attr(tid, "run_dir", run_dir_name(retry_number))
         study.tell(trial.number, state=TrialState.FAIL)
     except (ValueError, RuntimeError):
         return None  # finished meanwhile (its owner was alive after all): nothing to recover
@@ -130,9 +145,12 @@ def fail_and_retry(study: optuna.Study, trial: FrozenTrial, reason: str, max_ret
     # a grid cell popped but not yet suggested has its point in the fixed params only
     params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
     study.enqueue_trial(params, user_attrs={
-        "attempt": attempt + int(counts), "retry_of": trial.number,
-        "resume_dir": trial.user_attrs.get("run_dir"),
+        "attempt": attempt + int(counts), "retry_of": trial.number, "resume_dir": folder,
         "first_trial": trial.user_attrs.get("first_trial", trial.number)})
+    queued = study.get_trials(deepcopy=False)[-1].number
+    if queued != retry_number:  # a trial created outside study_lock
+        log.warning("trial %d: its retry is trial %d, not %d as recorded in its retried_as/run_dir",
+                    trial.number, queued, retry_number)
     return max_retries - attempt - int(counts)
 
 

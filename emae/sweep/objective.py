@@ -50,8 +50,13 @@ def trial_config(base: dict[str, Any], sweep: SweepConfig, space: SearchSpace,
     return config_from_tree(tree, {})
 
 
+def run_dir_name(number: int) -> str:
+    """A trial's folder relative to the sweep's (its `run_dir` user attribute)."""
+    return f"{TRIALS}/{number}"
+
+
 def run_dir(out: Path, number: int) -> Path:
-    return out / TRIALS / str(number)
+    return out / run_dir_name(number)
 
 
 def adopt_folder(out: Path, trial: optuna.Trial) -> Path:

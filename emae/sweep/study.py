@@ -43,21 +43,25 @@ class Progress:
     pruned: int
     running: int
     waiting: int
-    failed: int  # for good (not retried)
-    retried: int  # failed, then retried
+    failed: int  # every FAIL trial (the FAIL rows of trials.csv)
+    retried: int  # of those, the ones handed to a retry
     slots: int
 
     @property
+    def failed_for_good(self) -> int:
+        return self.failed - self.retried
+
+    @property
     def finished(self) -> int:
-        return self.complete + self.pruned + self.failed
+        return self.complete + self.pruned + self.failed_for_good
 
 
 def progress(trials: list[FrozenTrial]) -> Progress:
     states = Counter(t.state for t in trials)
     retried = sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("retried"))
-    failed = states[TrialState.FAIL] - retried
+    failed = states[TrialState.FAIL]
     slots = (states[TrialState.COMPLETE] + states[TrialState.PRUNED] + states[TrialState.RUNNING]
-             + states[TrialState.WAITING] + failed)
+             + states[TrialState.WAITING] + failed - retried)
     return Progress(states[TrialState.COMPLETE], states[TrialState.PRUNED], states[TrialState.RUNNING],
                     states[TrialState.WAITING], failed, retried, slots)
 
