@@ -93,8 +93,11 @@ class ModelConfig(Section):
 class PretrainConfig(Section):
     epochs: int = Field(gt=0)
     batch_size: int = Field(gt=0, description="images per device per step (each gives K views)")
-    accum_iter: int = Field(gt=0)
-    blr: float = Field(gt=0, description="lr = blr * batch_size * accum_iter * world_size / 256")
+    accum_iter: int | None = Field(gt=0, description="micro-batches per step; null: derived from "
+                                   "effective_batch_size and the number of processes")
+    effective_batch_size: int | None = Field(gt=0, description="images per optimizer step over all "
+                                             "processes (the recipe's batch); null: what results")
+    blr: float = Field(gt=0, description="lr = blr * effective batch / 256")
     min_lr: float = Field(ge=0)
     warmup_epochs: float = Field(ge=0)
     weight_decay: float = Field(ge=0)
@@ -107,6 +110,31 @@ class PretrainConfig(Section):
     log_every_steps: int = Field(gt=0)
     knn_every_epochs: int = Field(ge=0, description="kNN monitor every N epochs; 0 = off")
     deterministic: bool
+
+
+def effective_batch(cfg: BaseModel, section: str, world_size: int) -> tuple[int, int]:
+    """(accum_iter, effective batch) of a training section run by `world_size` processes.
+
+    The recipe's batch is stated once, as `effective_batch_size`; `accum_iter: null` derives the
+    accumulation from it, the per-device batch and the process count the launcher grants. Numbers
+    that disagree are an error (before any job: the pipeline checks the launcher's counts).
+    """
+    accum, target = cfg.accum_iter, cfg.effective_batch_size
+    per_step = cfg.batch_size * world_size
+    where = f"{section}.batch_size={cfg.batch_size} x {world_size} process(es)"
+    if target is None:
+        if accum is None:
+            raise ConfigError(f"{section}.accum_iter is null (derived), which needs "
+                              f"{section}.effective_batch_size to derive it from")
+        return accum, per_step * accum
+    if target % per_step:
+        raise ConfigError(f"{section}.effective_batch_size={target} is not a multiple of {where} = "
+                          f"{per_step}: choose a batch_size or a process count that divides it")
+    derived = target // per_step
+    if accum is not None and accum != derived:
+        raise ConfigError(f"{section}.effective_batch_size={target} but {where} x accum_iter={accum} = "
+                          f"{per_step * accum}: set {section}.accum_iter={derived}, or null to derive it")
+    return derived, target
 
 
 class Config(Section):

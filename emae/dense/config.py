@@ -70,9 +70,12 @@ class DenseTrainConfig(Section):
     backbone: BackboneConfig
     iterations: int = Field(gt=0)
     batch_size: int = Field(gt=0, description="images per device per batch")
-    accum_iter: int = Field(gt=0, description="batches per optimizer step (gradient accumulation)")
+    accum_iter: int | None = Field(gt=0, description="batches per optimizer step (gradient "
+                                   "accumulation); null: derived from effective_batch_size")
+    effective_batch_size: int | None = Field(gt=0, description="images per optimizer step over all "
+                                             "processes (the recipe's batch); null: what results")
     lr: float = Field(gt=0, description="absolute peak learning rate (top layer), for the step's "
-                                        "batch_size x accum_iter x devices images")
+                                        "effective batch (batch_size x accum_iter x devices)")
     min_lr: float = Field(ge=0)
     weight_decay: float = Field(ge=0)
     betas: Betas

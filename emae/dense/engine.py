@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from emae.config import effective_batch
 from emae.data import ResumableBatchSampler, SeededDataset
 from emae.errors import EmaeError
 from emae.io import atomic_write_text
@@ -67,6 +68,7 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
     step takes cfg.accum_iter batches of cfg.batch_size images on every rank (DDP when there are
     several). Returns {"train_seconds", "final_loss"}; the model holds the final weights on every
     rank."""
+    cfg.accum_iter, _ = effective_batch(cfg, section, dist_info.world_size)
     ckpt = RunCheckpoint(out / "checkpoints" / "last.pt", inputs, dist_info.world_size)
     ckpt_path = ckpt.path
     settings = {"section": section, "params": cfg.model_dump(mode="json")}
@@ -74,7 +76,7 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     iteration, elapsed, last_loss = 0, 0.0, math.nan
-    state = ckpt.load()
+    state = ckpt.load(finished=lambda state: state["iteration"] >= cfg.iterations)
     if state is not None:
         _check_same_run(state["settings"], settings, ckpt_path)
         model.load_state_dict(state["model"])
@@ -117,7 +119,7 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
                 with autocast(device, amp_dtype):
                     losses = step_fn(train_model, batch)
                 loss = sum(losses.values())
-                meter = meter or LossMeter(["loss", *losses], device)
+                meter = meter or LossMeter(["loss", *losses], device, dist_info)
                 meter.add(iteration, [loss, *losses.values()], 1 / cfg.accum_iter)
                 scaler.scale(loss / cfg.accum_iter).backward()
             micro += 1

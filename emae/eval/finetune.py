@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from emae.config import Betas, Config, Section
+from emae.config import Betas, Config, Section, effective_batch
 from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest, eval_transform
 from emae.errors import EmaeError
 from emae.eval.features import add_checkpoint_argument, build_encoder, topk_correct
@@ -61,8 +61,9 @@ POSTFIX_SECONDS = 1.0  # the progress bar's loss is refreshed at most this often
 class FinetuneConfig(Section):
     epochs: int = Field(gt=0)
     batch_size: int = Field(gt=0, description="images per device per micro-batch")
-    accum_iter: int = Field(gt=0)
-    blr: float = Field(gt=0, description="lr = blr * batch_size * accum_iter * world_size / 256")
+    accum_iter: int | None = Field(gt=0, description="null: derived from effective_batch_size")
+    effective_batch_size: int | None = Field(gt=0, description="images per step over all processes")
+    blr: float = Field(gt=0, description="lr = blr * effective batch / 256")
     min_lr: float = Field(ge=0)
     warmup_epochs: float = Field(ge=0)
     weight_decay: float = Field(ge=0)
@@ -155,6 +156,7 @@ def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
 
     dist_info = distributed.init_distributed()
     device = default_device()
+    cfg.accum_iter, eff_batch = effective_batch(cfg, "finetune", dist_info.world_size)
     sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.seed, dist_info.rank,
                                     dist_info.world_size, accum_iter=cfg.accum_iter)
     steps_per_epoch = len(sampler) // cfg.accum_iter
@@ -166,7 +168,6 @@ def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
                         pin_memory=device.type == "cuda")
 
     model.to(device)
-    eff_batch = cfg.batch_size * cfg.accum_iter * dist_info.world_size
     lr = cfg.blr * eff_batch / 256
     optimizer = build_optimizer(model, cfg, lr)
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
@@ -225,7 +226,7 @@ def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
         sampler.set_position(epoch, (step - first_step) * cfg.accum_iter)
         model.train()
         epoch_start, images, loss_steps = time.perf_counter(), 0, 0
-        meter, shown_at = LossMeter(["loss"], device), epoch_start
+        meter, shown_at = LossMeter(["loss"], device, dist_info), epoch_start
         progress = tqdm(total=steps_per_epoch, initial=step - first_step, unit="step",
                         desc=f"finetune epoch {epoch + 1}/{cfg.epochs}", disable=not dist_info.is_main,
                         dynamic_ncols=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -35,7 +34,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from tqdm import tqdm
 
-from emae.config import Config, Section
+from emae.config import Config, Section, effective_batch
 from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest, eval_transform
 from emae.errors import EmaeError
 from emae.eval.features import (accuracy, add_checkpoint_argument, add_random_init_argument,
@@ -45,7 +44,7 @@ from emae.provenance import encoder_digest, write_metrics
 from emae.seeding import derive_seed, seed_everything, set_rng_states
 from emae.train import distributed
 from emae.train.checkpoint import RunCheckpoint
-from emae.train.common import (add_config_arguments, autocast, autocast_dtype, config_from_args,
+from emae.train.common import (LossMeter, add_config_arguments, autocast, autocast_dtype, config_from_args,
                                default_device)
 
 log = logging.getLogger("emae.linprobe")
@@ -54,7 +53,10 @@ log = logging.getLogger("emae.linprobe")
 class LinprobeConfig(Section):
     epochs: int = Field(gt=0)
     batch_size: int = Field(gt=0, description="per device")
-    blr: float = Field(gt=0, description="lr = blr * batch_size * world_size / 256")
+    accum_iter: int | None = Field(gt=0, description="batches per step (MAE's main_linprobe "
+                                   "--accum_iter); null: derived from effective_batch_size")
+    effective_batch_size: int | None = Field(gt=0, description="images per step over all processes")
+    blr: float = Field(gt=0, description="lr = blr * effective batch / 256")
     min_lr: float = Field(ge=0)
     warmup_epochs: float = Field(ge=0)
     weight_decay: float = Field(ge=0)
@@ -146,14 +148,15 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
     val_feats, val_labels = extract_features(encoder, val_set, desc="val features", **common)
     cached = None if cfg.augment else extract_features(encoder, train_set, desc="train features", **common)
 
+    cfg.accum_iter, eff_batch = effective_batch(cfg, "linprobe", dist_info.world_size)
     sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.seed, dist_info.rank,
-                                    dist_info.world_size)
-    steps_per_epoch = len(sampler)
+                                    dist_info.world_size, accum_iter=cfg.accum_iter)
+    steps_per_epoch = len(sampler) // cfg.accum_iter  # optimizer steps
     if steps_per_epoch == 0:
         raise EmaeError(f"train split has {len(train_set)} images: too few for linprobe.batch_size="
-                        f"{cfg.batch_size} x {dist_info.world_size} ranks")
+                        f"{cfg.batch_size} x accum_iter={cfg.accum_iter} x {dist_info.world_size} ranks")
     total_steps = steps_per_epoch * cfg.epochs
-    lr = cfg.blr * cfg.batch_size * dist_info.world_size / 256
+    lr = cfg.blr * eff_batch / 256
 
     seed_everything(derive_seed(cfg.seed, "probe head"))  # same head on every rank and every rerun
     head = ProbeHead(val_feats.shape[1], config.data.num_classes).to(device)
@@ -183,7 +186,8 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
                         num_workers=config.data.num_workers) if cached is None else None
     criterion = nn.CrossEntropyLoss()
 
-    def save() -> None:
+    def save(meter: LossMeter) -> None:
+        meter.raise_if_non_finite(ckpt_path)  # every rank: all raise together, no bad head saved
         rng = distributed.gather_rng_states(dist_info)
         if dist_info.is_main:
             ckpt.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
@@ -197,12 +201,13 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
     if cached is not None and device.type == "cpu":
         torch.set_num_threads(1)
     for epoch in range(step // steps_per_epoch, cfg.epochs):
-        sampler.set_position(epoch, step - epoch * steps_per_epoch)
+        sampler.set_position(epoch, (step - epoch * steps_per_epoch) * cfg.accum_iter)
         head.train()
-        losses = []
+        meter, steps_run = LossMeter(["loss"], device, dist_info), 0
         batches = _batches(sampler, cached) if cached is not None else loader
-        for x, y in tqdm(batches, total=steps_per_epoch - (step - epoch * steps_per_epoch),
-                         desc=f"probe epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
+        micro = 0
+        for x, y in tqdm(batches, total=(steps_per_epoch - (step - epoch * steps_per_epoch)) * cfg.accum_iter,
+                         desc=f"probe epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
                          disable=not dist_info.is_main, dynamic_ncols=True):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cached is None:
@@ -210,22 +215,26 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
                     x = pooled(encoder, x, cfg.pool)  # [B, D], frozen
             scheduler.step_update(step)
             loss = criterion(train_head(x.float()), y)
-            if not math.isfinite(float(loss.detach())):
-                raise EmaeError(f"non-finite probe loss at step {step}; lower linprobe.blr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            meter.add(step, [loss], 1 / cfg.accum_iter)
+            (loss / cfg.accum_iter).backward()  # gradients of the step's accum_iter batches add up
+            micro += 1
+            if micro < cfg.accum_iter:
+                continue
+            micro = 0
             optimizer.step()
-            losses.append(float(loss.detach()))
-            step += 1
+            optimizer.zero_grad(set_to_none=True)
+            step, steps_run = step + 1, steps_run + 1
             if step % cfg.checkpoint_every_steps == 0:
-                save()
+                save(meter)
+        meter.raise_if_non_finite(ckpt_path)
         result = _evaluate(head, val_feats, val_labels, device)
         best = max(best, result["top1"])
         record = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                  "loss": distributed.mean_across(sum(losses) / max(len(losses), 1), dist_info, device), **result}
+                  "loss": distributed.mean_across(meter.totals()["loss"] / max(steps_run, 1), dist_info, device),
+                  **result}
         if dist_info.is_main:
             append_jsonl(out / "log.jsonl", record)
-        save()
+        save(meter)
 
     torch.set_num_threads(threads)
     if not record:  # complete already: evaluate the saved head
@@ -234,7 +243,7 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
     metrics = {"top1": record["top1"], "top5": record["top5"], "best_top1": best,
                "epochs": cfg.epochs, "steps": step, "lr": lr, "feature_dim": int(val_feats.shape[1]),
                "num_train": len(train_set), "num_val": len(val_set), "augment": cfg.augment, "pool": cfg.pool,
-               "effective_batch_size": cfg.batch_size * dist_info.world_size,
+               "effective_batch_size": eff_batch, "accum_iter": cfg.accum_iter,
                "world_size": dist_info.world_size, "seconds": time.perf_counter() - start}
     distributed.barrier(dist_info)
     distributed.cleanup(dist_info)

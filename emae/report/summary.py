@@ -23,7 +23,7 @@ from emae.workflow.stages import DENSE_STAGES, EVAL_STAGES, MODEL_STAGES, Pipeli
 DENSE_KEYS = {"detect": ("det_ap_box", "det_ap_mask"), "segment": ("seg_miou",)}
 
 # Columns of the per-variant summary that are the same for all seeds of a variant.
-SETTINGS = ["K", "mask_ratio", "consistency_weight", "epochs"]
+SETTINGS = ["K", "mask_ratio", "consistency_weight", "epochs", "batch", "lr"]
 # Columns averaged over seeds (mean, and `<name>_std`).
 # final_loss is what each variant minimised (reconstruction + lambda x consistency); compare
 # variants on final_recon_loss
@@ -66,6 +66,8 @@ def run_row(pipeline: Pipeline, run: Run, root: Path = Path(".")) -> dict[str, A
         "K": int(_number(pre, "num_parts", path)), "mask_ratio": _number(pre, "mask_ratio", path),
         "consistency_weight": _number(pre, "consistency_weight", path),
         "epochs": int(_number(pre, "epochs", path)),
+        # pre-training's effective batch (images per step, all processes) and the lr it gave
+        "batch": float(pre.get("effective_batch_size", math.nan)), "lr": float(pre.get("lr", math.nan)),
         "pretrain_seconds": _number(pre, "pretrain_seconds", path),
         "final_loss": _number(pre, "final_loss", path),
         "final_recon_loss": _number(pre, "final_recon_loss", path),
@@ -121,7 +123,9 @@ def to_markdown(summary: pd.DataFrame, decimals: int) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(headers)) + "|"]
     for _, row in summary.iterrows():
         cells = [str(row["variant"]), str(int(row["K"])), f"{row['mask_ratio']:g}",
-                 f"{row['consistency_weight']:g}", str(int(row["epochs"])), str(int(row["seeds"]))]
+                 f"{row['consistency_weight']:g}", str(int(row["epochs"])),
+                 "-" if pd.isna(row["batch"]) else str(int(row["batch"])),
+                 "-" if pd.isna(row["lr"]) else f"{row['lr']:.3g}", str(int(row["seeds"]))]
         for column in MEASURES:
             mean, std = row[column], row[f"{column}_std"]
             digits = 4 if column in ("consistency", "final_loss", "final_recon_loss") else decimals

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -39,7 +39,7 @@ class RunCheckpoint:
     made from other inputs is not resumed (it would report the old run's figures for the new
     inputs) but trained again from scratch, with a warning naming both digests. A checkpoint
     written by another number of processes is refused: steps per epoch, the sampler's shards, the
-    lr and the masks all depend on it.
+    lr and the masks all depend on it (a finished run may be evaluated by another count).
     """
 
     path: Path
@@ -47,7 +47,10 @@ class RunCheckpoint:
     world_size: int
     restarted: bool = field(default=False, init=False)  # True when a stale checkpoint was found
 
-    def load(self) -> dict[str, Any] | None:
+    def load(self, finished: Callable[[dict[str, Any]], bool] = lambda state: False
+             ) -> dict[str, Any] | None:
+        """The state to resume from, or None to start afresh; `finished(state)`: nothing is left
+        to train (only then may the process count differ)."""
         state = load_checkpoint(self.path)
         if state is None:
             return None
@@ -60,7 +63,7 @@ class RunCheckpoint:
             self.restarted = True
             return None
         saved_world = state.get("world_size")
-        if saved_world is not None and saved_world != self.world_size:
+        if saved_world is not None and saved_world != self.world_size and not finished(state):
             raise EmaeError(f"{self.path} was written by {saved_world} process(es) but this run has "
                             f"{self.world_size}: resume with {saved_world} (the data shards, steps per "
                             "epoch, lr and masks depend on it), or use another --out")

@@ -6,7 +6,8 @@ command continues where a killed run stopped and ends with the same weights as a
 run (data order, augmentation and masks are functions of the seed and the position, see
 `emae.seeding`).
 
-Learning rate: lr = blr * batch_size * accum_iter * world_size / 256, i.e. the effective batch
+Learning rate: lr = blr * effective batch / 256 (batch_size x accum_iter x processes; with
+`pretrain.effective_batch_size` set and accum_iter null, accum_iter is derived), i.e. the effective batch
 counts *images*, not the K*images views (as in MAE, whose recipe EMAE inherits).
 
 Output folder:
@@ -36,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from emae.config import Config, save_config
+from emae.config import Config, effective_batch, save_config
 from emae.data import (ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest,
                        pretrain_transform)
 from emae.errors import EmaeError
@@ -49,7 +50,7 @@ from emae.seeding import derive_seed, seed_everything, set_rng_states
 from emae.train import distributed
 from emae.train.checkpoint import RunCheckpoint
 from emae.train.common import (LossMeter, add_config_arguments, autocast, autocast_dtype,
-                               config_from_args, default_device, optimizer_step)
+                               config_from_args, default_device, optimizer_step, set_deterministic)
 
 log = logging.getLogger("emae.pretrain")
 
@@ -85,11 +86,10 @@ def pretrain(config: Config, out: Path,
     cfg = config.pretrain
     if cfg.knn_every_epochs:
         config.section("knn")  # the monitor's params: errors now, not after the first epochs
+    set_deterministic(cfg.deterministic)  # before any CUDA work
     dist_info = distributed.init_distributed()
     device = default_device()
-    if cfg.deterministic:
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    cfg.accum_iter, eff_batch = effective_batch(cfg, "pretrain", dist_info.world_size)
     seed_everything(derive_seed(cfg.seed, "init"))  # same initial weights on every rank
 
     # data: batches of (index, augmentation seed), resumable mid-epoch
@@ -106,7 +106,6 @@ def pretrain(config: Config, out: Path,
 
     # model, optimizer, schedule
     model = EMAE.from_config(config.model, config.data).to(device)
-    eff_batch = cfg.batch_size * cfg.accum_iter * dist_info.world_size
     lr = cfg.blr * eff_batch / 256
     optimizer = build_optimizer(model, config, lr)
     warmup_steps = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
@@ -165,7 +164,7 @@ def pretrain(config: Config, out: Path,
         first_step = epoch * steps_per_epoch
         sampler.set_position(epoch, (step - first_step) * cfg.accum_iter)
         epoch_start, epoch_images, epoch_start_step = time.perf_counter(), 0, step
-        meter = LossMeter(list(LOSS_TERMS), device)
+        meter = LossMeter(list(LOSS_TERMS), device, dist_info)
         progress = tqdm(total=steps_per_epoch, initial=step - first_step, disable=not dist_info.is_main,
                         desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True)
         micro = 0
@@ -188,13 +187,14 @@ def pretrain(config: Config, out: Path,
             optimizer_step(model, optimizer, scaler, cfg.clip_grad)
             step += 1
             progress.update(1)
-            if dist_info.is_main and step % cfg.log_every_steps == 0:
+            log_now, save_now = step % cfg.log_every_steps == 0, step % cfg.checkpoint_every_steps == 0
+            if log_now or save_now:  # every rank: a collective, so all ranks raise together
                 meter.raise_if_non_finite(ckpt_path)
+            if log_now and dist_info.is_main:
                 scalars = meter.latest() | {"lr": optimizer.param_groups[0]["lr"]}
                 _log_step(out, writer, step, scalars)
                 progress.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
-            if step % cfg.checkpoint_every_steps == 0:
-                meter.raise_if_non_finite(ckpt_path)
+            if save_now:
                 elapsed_now = elapsed + time.perf_counter() - epoch_start
                 _save(ckpt, model, optimizer, scaler, config, step, elapsed_now, dist_info)
         progress.close()
