@@ -1,9 +1,11 @@
 """The pipeline's DAGs without running the stages: Snakemake dry-runs of every preset, config
 validation before anything runs, the generated dvc.yaml is current and agrees with the Snakefile job
-for job, `emae stage`, and the SLURM profile as users install and name it."""
+for job, each stage's code deps (its computed import closure: `dvc status` on fake outputs after a
+code change), `emae stage`, and the SLURM profile as users install and name it."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,7 +21,35 @@ from conftest import PARAMS, REPO, cli_env, run_cli
 pytestmark = pytest.mark.skipif(shutil.which("snakemake") is None, reason="snakemake not installed")
 
 PRESETS = sorted(p.stem for p in (PARAMS / "presets").glob("*.yaml"))
+# What a DVC repository of the project needs (the copies below run their own emae)
+DVC_CHECKOUT = ("emae", "params", ".dvc", ".dvcignore", ".gitignore", "pyproject.toml")
+# Environment of a tool run in a copy: its own emae (no PYTHONPATH), no analytics, a git identity
+COPY_ENV = {"DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "2", "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e"}
 STAGE_CMD = re.compile(r"emae\.cli stage (\w+)(?: --variant (\w+) --seed (\d+))?")
+
+
+def copy_checkout(dest: Path, names: tuple[str, ...] = DVC_CHECKOUT) -> Path:
+    """A copy of the repository's `names` (no caches, no bytecode) at `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns(
+                "__pycache__", "tmp", "cache", "config.local"))
+        else:
+            shutil.copy(source, dest / name)
+    return dest
+
+
+def copy_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | COPY_ENV
+
+
+def run_in(cwd: Path, *cmd: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=copy_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(cmd)}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result
 
 
 def snakemake(workdir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -188,6 +218,94 @@ def _assert_dags_agree(params: Path, dvc_file: Path, tmp_path: Path) -> None:
                 for part in dotted.split("."):
                     node = node[part]  # KeyError: DVC would report the param missing
         assert sorted(k for e in stage.get("params", []) for k in next(iter(e.values()))) == sorted(job.params)
+
+
+def test_import_closure_follows_every_kind_of_import(tmp_path: Path) -> None:
+    """Module and function level, `import a.b`, `from a import submodule`, relative imports, parent
+    packages; other packages and unreached modules are left out; the digest follows the contents."""
+    from emae.workflow.closure import ImportGraph
+
+    files = {
+        "__init__.py": "",
+        "a.py": "import os\nfrom emae.b import thing\n\n\ndef f():\n    import emae.c.d\n",
+        "b/__init__.py": "from . import e\nthing = 1\n",
+        "b/e.py": "from ..g import x\n",
+        "g.py": "import torch\nx = 1\n",
+        "c/__init__.py": "", "c/d.py": "",
+        "unused.py": "import emae.a\n",
+    }
+    for name, text in files.items():
+        (tmp_path / "emae" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "emae" / name).write_text(text)
+    graph = ImportGraph(tmp_path / "emae")
+    closure = graph.closure(["emae.a"])
+    assert closure == [f"emae/{n}" for n in ("__init__.py", "a.py", "b/__init__.py", "b/e.py",
+                                              "c/__init__.py", "c/d.py", "g.py")]
+    digest = graph.digest(closure)
+    (tmp_path / "emae" / "unused.py").write_text("# edited\n")
+    assert ImportGraph(tmp_path / "emae").digest(closure) == digest
+    (tmp_path / "emae" / "c" / "d.py").write_text("# edited\n")
+    assert ImportGraph(tmp_path / "emae").digest(closure) != digest
+    with pytest.raises(ValueError, match="emae.nope"):
+        graph.closure(["emae.nope"])
+
+
+def test_each_stage_depends_on_the_code_it_runs() -> None:
+    """The modules the old hand-written lists missed are in each stage's code deps; the report's
+    do not hold the training code, and no other stage's hold the report's."""
+    from emae.workflow.stages import Pipeline
+
+    pipeline = Pipeline(PARAMS)
+    code = {job.name: set(job.code) for job in pipeline.jobs()}
+    shared = {"emae/cli.py", "emae/config.py", "emae/io.py", "emae/workflow/run_stage.py",
+              "emae/launch/cli.py", "emae/launch/_entry.py"}
+    for name, files in code.items():
+        assert shared <= files, (name, shared - files)
+    training = {"emae/losses.py", "emae/masking.py", "emae/seeding.py", "emae/train/pretrain.py",
+                "emae/models/emae.py", "emae/data/datasets.py"}
+    assert training <= code["pretrain-emae-seed0"]
+    for stage in ("knn", "linprobe", "finetune", "consistency", "visualize"):
+        assert {"emae/losses.py", "emae/masking.py", "emae/models/emae.py",
+                f"emae/eval/{stage}.py"} <= code[f"{stage}-emae-seed0"], stage
+    assert "emae/losses.py" not in code["report"] and "emae/losses.py" not in code["prepare"]
+    assert [n for n, files in code.items() if "emae/report/plots.py" in files] == ["report"]
+
+
+@pytest.mark.skipif(shutil.which("dvc") is None or shutil.which("git") is None, reason="needs dvc and git")
+def test_dvc_status_after_a_code_change(tmp_path: Path) -> None:
+    """A copy of the repository with (fake) outputs committed as up to date (`dvc commit`): one
+    changed line in emae/losses.py puts pre-training and every evaluation out of date (the report
+    follows their new outputs), one under emae/report/ only the report. Nothing is trained."""
+    from emae.workflow.stages import Pipeline
+
+    repo = copy_checkout(tmp_path / "repo")
+    run_in(repo, sys.executable, "-m", "emae.cli", "dvc-yaml")
+    for job in Pipeline(PARAMS).jobs():
+        for out in job.outs:
+            path = repo / out.path
+            if out.directory:
+                path.mkdir(parents=True, exist_ok=True)
+                path = path / "fake"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("{}" if path.suffix == ".json" else job.name)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"],
+                ["dvc", "commit", "-f", "-q"]):
+        run_in(repo, *cmd)
+
+    def out_of_date_after(edited: str) -> dict[str, list]:
+        path = repo / edited
+        original = path.read_text()
+        path.write_text(original + "# a changed line\n")
+        try:
+            return json.loads(run_in(repo, "dvc", "status", "--json").stdout)
+        finally:
+            path.write_text(original)
+
+    stale = out_of_date_after("emae/losses.py")
+    assert set(stale) == {f"{stage}-{variant}-seed0" for variant in ("mae", "emae") for stage in
+                          ("pretrain", "knn", "linprobe", "finetune", "consistency", "visualize")}
+    assert stale["pretrain-emae-seed0"] == [{"changed deps": {"emae/losses.py": "modified"}}]
+    assert set(out_of_date_after("emae/report/plots.py")) == {"report"}
 
 
 def test_stage_print_builds_the_run_command() -> None:

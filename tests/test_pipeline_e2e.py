@@ -1,11 +1,16 @@
-"""The whole pipeline, run for real on a tiny config: `snakemake` (both variants, every stage, the
-report, `--report report.html`, then a no-op rerun) and `dvc repro` in a fresh git repository (a
-no-op second repro, then `dvc exp run -S` resuming pre-training from the persistent checkpoint)."""
+"""The whole pipeline, run for real on a tiny config, each in a copy of the repository:
+
+- `snakemake` (both variants, every stage, the report, `--report report.html`), then a no-op rerun,
+  and what a change to the package code reruns (the digest of each job's import closure);
+- `dvc repro` in a fresh git repository, a no-op second repro, DVC as the artifact store end to end
+  (`dvc push` to a local remote, a fresh clone, `dvc pull`: nothing to reproduce, the same summary),
+  then `dvc exp run -S`: a kNN param in the clone (the new metric beside the baseline's in
+  `dvc exp show`), more epochs in the first repository (pre-training resumes from the persistent
+  checkpoint)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -16,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import PARAMS, REPO, cli_env
+from test_pipeline_dag import copy_checkout, copy_env, job_counts
 
 pytestmark = [pytest.mark.slow]
 
@@ -40,13 +45,18 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 1200) ->
     return result
 
 
+def _planned(output: str) -> dict[str, int]:
+    """rule -> jobs a dry run plans ({} when there is nothing to be done)."""
+    return {} if "Nothing to be done" in output else job_counts(output)
+
+
 @pytest.mark.skipif(shutil.which("snakemake") is None, reason="snakemake not installed")
 def test_snakemake_runs_the_whole_dag_and_reruns_nothing(tmp_path: Path) -> None:
-    shutil.copytree(PARAMS, tmp_path / "params")  # a snapshot: the rerun must see the same params
+    # a copy (code and params) whose code the test edits; its Snakefile runs its own emae
+    copy_checkout(tmp_path, ("Snakefile", "workflow", "emae", "params"))
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"overrides": TINY, "threads": 1}))
-    snakemake = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2",
-                 "--configfile", "tiny.yaml"]
-    _run(snakemake, tmp_path, cli_env())
+    snakemake = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "tiny.yaml"]
+    _run(snakemake, tmp_path, copy_env())
 
     report = tmp_path / "results" / "report"
     summary = pd.read_csv(report / "summary.csv")
@@ -67,17 +77,33 @@ def test_snakemake_runs_the_whole_dag_and_reruns_nothing(tmp_path: Path) -> None
     for name in ("loss_curves.png", "accuracy_vs_time.png", "accuracy_vs_epochs.png"):
         assert (report / name).stat().st_size > 1000
 
-    again = _run([*snakemake, "-n"], tmp_path, cli_env())
-    assert "Nothing to be done" in again.stdout + again.stderr
+    again = _run([*snakemake, "-n"], tmp_path, copy_env())
+    assert _planned(again.stdout + again.stderr) == {}
+
+    # code is a dependency: a changed line in the loss reruns pre-training and all after it
+    # (the jobs' code digests changed), one in the report's code only the report
+    def plan_after_edit(edited: str) -> str:
+        path = tmp_path / edited
+        original = path.read_text()
+        path.write_text(original + "# a changed line\n")
+        try:
+            plan = _run([*snakemake, "-n"], tmp_path, copy_env())
+        finally:
+            path.write_text(original)
+        return plan.stdout + plan.stderr
+
+    plan = plan_after_edit("emae/losses.py")
+    assert _planned(plan) == {"pretrain": 2, "knn": 2, "linprobe": 2, "finetune": 2, "consistency": 2,
+                              "visualize": 2, "report": 1, "all": 1}, plan[-3000:]
+    assert "Params have changed since last execution" in plan
+    assert _planned(plan_after_edit("emae/report/plots.py")) == {"report": 1, "all": 1}
     # switching more stages on plans only their jobs and the report, not the finished ones
     (tmp_path / "more.yaml").write_text(yaml.safe_dump(
         {"overrides": [*TINY, "pipeline.stages.prepare_dense=true", "pipeline.stages.segment=true"], "threads": 1}))
-    plan = _run([*snakemake[:-1], "more.yaml", "-n"], tmp_path, cli_env())
-    planned = {line.split()[1].rstrip(":") for line in (plan.stdout + plan.stderr).splitlines()
-               if line.startswith(("rule ", "localrule "))}
-    assert planned == {"prepare_dense", "segment", "report", "all"}, planned
+    plan = _run([*snakemake[:-1], "more.yaml", "-n"], tmp_path, copy_env()).stdout
+    assert _planned(plan) == {"prepare_dense": 1, "segment": 2, "report": 1, "all": 1}, plan[-3000:]
     html = tmp_path / "report.html"
-    _run([*snakemake, "--report", str(html)], tmp_path, cli_env())
+    _run([*snakemake, "--report", str(html)], tmp_path, copy_env())
     text = html.read_text()
     assert all(name in text for name in ("summary.csv", "loss_curves.png", "accuracy_vs_time.png",
                                           "Pre-training loss per epoch"))
@@ -98,17 +124,23 @@ def _set_params(params: Path, overrides: list[str]) -> None:
         path.write_text(yaml.safe_dump(tree, sort_keys=False))
 
 
+def _exp_row(shown: list[dict], name: str) -> tuple[dict, dict]:
+    """(baseline commit, experiment `name`) rows of `dvc exp show --json`."""
+    for row in shown:
+        for exp in row.get("experiments") or []:
+            for rev in exp["revs"]:
+                if rev["name"] == name:
+                    return row, rev
+    raise AssertionError(f"no experiment {name} in {json.dumps(shown)[:3000]}")
+
+
+def _stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
 @pytest.mark.skipif(shutil.which("dvc") is None or shutil.which("git") is None, reason="needs dvc and git")
-def test_dvc_repro_in_a_fresh_repo_then_noop_then_experiment(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("emae", "params", ".dvc", ".dvcignore", ".gitignore", "pyproject.toml"):
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns(
-                "__pycache__", "tmp", "cache", "config.local"))
-        else:
-            shutil.copy(source, repo / name)
+def test_dvc_repro_push_clone_pull_then_experiments(tmp_path: Path) -> None:
+    repo = copy_checkout(tmp_path / "repo")
     # one variant, knn + consistency only: enough for the DAG's properties, fast on a CPU
     _set_params(repo / "params", [*TINY, "pipeline.stages.linprobe=false", "pipeline.stages.finetune=false",
                                   "pipeline.stages.visualize=false"])
@@ -117,9 +149,7 @@ def test_dvc_repro_in_a_fresh_repo_then_noop_then_experiment(tmp_path: Path) -> 
     del tree["pipeline"]["variants"]["mae"]
     pipeline_yaml.write_text(yaml.safe_dump(tree, sort_keys=False))
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the copy's emae
-    env |= {"DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "2", "GIT_AUTHOR_NAME": "t",
-            "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e"}
+    env = copy_env()  # the copy's emae
     _run([sys.executable, "-m", "emae.cli", "dvc-yaml"], repo, env)
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     assert list(stages) == ["prepare", "pretrain-emae-seed0", "knn-emae-seed0", "consistency-emae-seed0",
@@ -128,7 +158,8 @@ def test_dvc_repro_in_a_fresh_repo_then_noop_then_experiment(tmp_path: Path) -> 
         _run(cmd, repo, env)
 
     _run(["dvc", "repro"], repo, env)
-    summary = pd.read_csv(repo / "results/report/summary.csv")
+    summary_csv = "results/report/summary.csv"
+    summary = pd.read_csv(repo / summary_csv)
     assert list(summary["variant"]) == ["emae"] and summary["knn_top1"].between(0, 100).all()
     assert summary["finetune_top1"].isna().all()
     metrics = _run(["dvc", "metrics", "show", "--json"], repo, env).stdout
@@ -138,8 +169,36 @@ def test_dvc_repro_in_a_fresh_repo_then_noop_then_experiment(tmp_path: Path) -> 
     assert "Data and pipelines are up to date" in again.stdout, again.stdout
     assert "Running stage" not in again.stdout
 
+    # DVC as the artifact store: a local-path remote, its config and dvc.lock in git, everything pushed
+    _run(["dvc", "remote", "add", "-d", "storage", str(tmp_path / "remote")], repo, env)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "results"], repo, env)
+    pushed = _run(["dvc", "push"], repo, env).stdout
+    assert re.search(r"\d+ files? pushed", pushed), pushed
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
+    assert not (clone / "results").exists() and not (clone / "runs").exists()
+    _run(["dvc", "pull"], clone, env)
+    assert (clone / "runs/emae/seed0/checkpoints/last.pt").is_file()  # persistent outputs travel too
+    for cmd in (["dvc", "repro"], ["dvc", "status"]):
+        out = _run(cmd, clone, env).stdout
+        assert "Data and pipelines are up to date" in out and "Running stage" not in out, (cmd, out)
+    assert (clone / summary_csv).read_bytes() == (repo / summary_csv).read_bytes()
+
+    # an experiment on a kNN param in the clone: only kNN and the report rerun; `dvc exp show`
+    # has the new metric next to the baseline's
+    knn_json = clone / "results/emae/seed0/knn/metrics.json"
+    baseline_top1 = json.loads(knn_json.read_text())["top1"]
+    ran = _run(["dvc", "exp", "run", "-S", "params/eval.yaml:knn.k=3"], clone, env).stdout
+    assert _stages_run(ran) == {"knn-emae-seed0", "report"}, ran
+    new_top1 = json.loads(knn_json.read_text())["top1"]
+    name = re.search(r"Ran experiment\(s\): (\S+)", ran).group(1)
+    baseline, experiment = _exp_row(json.loads(_run(["dvc", "exp", "show", "--json"], clone, env).stdout), name)
+    for row, k, top1 in ((baseline, 20, baseline_top1), (experiment, 3, new_top1)):
+        assert row["data"]["params"]["params/eval.yaml"]["data"]["knn"]["k"] == k
+        assert row["data"]["metrics"]["results/emae/seed0/knn/metrics.json"]["data"]["top1"] == top1
+
+    # more epochs (in the first repository): pre-training resumes from the persistent checkpoint
     log = repo / "runs/emae/seed0/log.jsonl"
     before = log.read_text().splitlines()
     ran = _run(["dvc", "exp", "run", "-S", "params/pretrain.yaml:pretrain.epochs=3"], repo, env).stdout
@@ -148,9 +207,6 @@ def test_dvc_repro_in_a_fresh_repo_then_noop_then_experiment(tmp_path: Path) -> 
     # the persistent checkpoint and log survived: epochs 1-2 were not trained again
     assert after[:2] == before and [json.loads(line)["epoch"] for line in after] == [1, 2, 3]
     name = re.search(r"Ran experiment\(s\): (\S+)", ran).group(1)
-    shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo, env).stdout)
-    experiment = next(rev for row in shown for exp in row.get("experiments") or []
-                      for rev in exp["revs"] if rev["name"] == name)
-    params = experiment["data"]["params"]["params/pretrain.yaml"]["data"]["pretrain"]
-    assert params["epochs"] == 3
+    _, experiment = _exp_row(json.loads(_run(["dvc", "exp", "show", "--json"], repo, env).stdout), name)
+    assert experiment["data"]["params"]["params/pretrain.yaml"]["data"]["pretrain"]["epochs"] == 3
     assert experiment["data"]["metrics"]["runs/emae/seed0/metrics.json"]["data"]["epochs"] == 3

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +30,7 @@ import yaml
 from emae.config import (Config, _merge, config_from_tree, load_raw, param_files, parse_override,
                          validate_all)
 from emae.errors import ConfigError
+from emae.workflow.closure import ImportGraph, entry_modules
 from emae.workflow.config import PipelineConfig
 
 RUNS_DIR = "runs"
@@ -53,19 +56,6 @@ PLOTS = {
 }
 CURVES_DIR = "curves"  # one CSV per run (epoch, seconds, losses, kNN): DVC plots read these
 RECONSTRUCTIONS_DIR = "reconstructions"
-
-# Source each stage runs (DVC `deps`, so that a code change reruns it; Snakemake tracks params).
-CODE = {
-    "prepare": ["emae/data/prepare.py"],
-    "pretrain": ["emae/train", "emae/models", "emae/data", "emae/masking.py", "emae/losses.py"],
-    "eval": ["emae/eval", "emae/models", "emae/data"],
-    "report": ["emae/report"],
-    "prepare_dense": ["emae/dense/generate.py"],
-    "dense": ["emae/dense", "emae/models"],
-    "sweep": ["emae/sweep", "emae/train", "emae/models", "emae/data", "emae/eval", "emae/masking.py",
-              "emae/losses.py"],
-}
-
 
 @dataclass(frozen=True, order=True)
 class Run:
@@ -122,7 +112,7 @@ class StageJob:
     deps: list[str]
     outs: list[Out]
     params: list[str]  # dotted keys of the params tree this job reads
-    code: list[str] = field(default_factory=list)
+    code: list[str] = field(default_factory=list)  # package source it runs (Pipeline.code)
 
     @property
     def name(self) -> str:
@@ -274,10 +264,13 @@ class Pipeline:
             raise ConfigError(f"stage {stage!r} " + ("needs --variant and --seed" if run is None
                                                       else "takes no --variant / --seed"))
         if stage in DENSE_STAGES:
-            return self._job_dense(stage, run)
-        return getattr(self, f"_job_{stage}" if stage in ("prepare", "prepare_dense", "pretrain",
-                                                          "report", "sweep")
-                       else "_job_eval")(stage, run)
+            job = self._job_dense(stage, run)
+        else:
+            job = getattr(self, f"_job_{stage}" if stage in ("prepare", "prepare_dense", "pretrain",
+                                                             "report", "sweep")
+                          else "_job_eval")(stage, run)
+        job.code = self.code(job.argv[0], job.params)
+        return job
 
     def pattern(self, stage: str) -> StageJob:
         """The job of a stage with `{variant}` / `{seed}` wildcards in its paths (and no command)."""
@@ -298,14 +291,14 @@ class Pipeline:
         return StageJob(
             stage, None, ["prepare", *self._common_argv(), "-o", self.data_root, *self.overrides],
             deps=[], outs=[Out(self.data_root, directory=True)],
-            params=["data.image_size", "prepare"], code=CODE["prepare"])
+            params=["data.image_size", "prepare"])
 
     def _job_prepare_dense(self, stage: str, run: None) -> StageJob:
         root = self.config.extra["dense_data"]["root"]
         return StageJob(
             stage, None, ["prepare-dense", *self._common_argv(), "-o", root, *self.overrides],
             deps=[], outs=[Out(root, directory=True)],
-            params=["dense_data", "prepare.val_fraction", "prepare.seed"], code=CODE["prepare_dense"])
+            params=["dense_data", "prepare.val_fraction", "prepare.seed"])
 
     def _job_dense(self, stage: str, run: Run) -> StageJob:
         """Detection / segmentation on the exported encoder (resume state persists, as pretrain's)."""
@@ -320,8 +313,7 @@ class Pipeline:
         return StageJob(
             stage, run, [stage, "--checkpoint", deps[0], *self._common_argv(), "-o", out,
                          *self.run_overrides(run)],
-            deps=deps, outs=outs, params=["data.mean", "data.std", stage, *self._variant_params(run)],
-            code=CODE["dense"])
+            deps=deps, outs=outs, params=["data.mean", "data.std", stage, *self._variant_params(run)])
 
     def _job_pretrain(self, stage: str, run: Run) -> StageJob:
         d = run.run_dir
@@ -336,7 +328,7 @@ class Pipeline:
                   Out(f"{d}/log.jsonl", persist=True),
                   Out(f"{d}/steps.jsonl", persist=True),
                   Out(f"{d}/tb", persist=True, directory=True)],
-            params=["data", "model", "pretrain", *self._variant_params(run)], code=CODE["pretrain"])
+            params=["data", "model", "pretrain", *self._variant_params(run)])
 
     def _job_eval(self, stage: str, run: Run) -> StageJob:
         checkpoint = (f"{run.run_dir}/encoder.safetensors" if stage in EVAL_STAGES
@@ -351,7 +343,7 @@ class Pipeline:
             # last.pt is not a declared output (see Out.persist); the encoder export is written
             # from the same final state, after it, so it stands for both.
             deps=[f"{run.run_dir}/encoder.safetensors", *self._data_deps()],
-            outs=outs, params=params, code=CODE["eval"])
+            outs=outs, params=params)
 
     def _job_report(self, stage: str, run: None) -> StageJob:
         deps = []
@@ -368,7 +360,7 @@ class Pipeline:
         if self.stage_enabled("visualize"):
             outs.append(Out(f"{d}/{RECONSTRUCTIONS_DIR}", directory=True))
         return StageJob(stage, None, ["report", *self._common_argv(), "-o", d, *self.overrides],
-                        deps=deps, outs=outs, params=["pipeline.report"], code=CODE["report"])
+                        deps=deps, outs=outs, params=["pipeline.report"])
 
     def _job_sweep(self, stage: str, run: None) -> StageJob:
         """The Optuna sweep of params/sweep.yaml (optional). Its study journal and trial folders
@@ -378,8 +370,23 @@ class Pipeline:
                 Out(f"{d}/plots/heatmap.png", kind="plots"), Out(f"{d}/plots/history.png", kind="plots")]
         return StageJob(stage, None, ["sweep", *self._common_argv(), "-o", d, *self.overrides],
                         deps=self._data_deps(), outs=outs,
-                        params=["sweep", "data", "model", "pretrain", "knn", "linprobe"],
-                        code=CODE["sweep"])
+                        params=["sweep", "data", "model", "pretrain", "knn", "linprobe"])
+
+    # ------------------------------------------------------------------------------ code
+
+    @cached_property
+    def _imports(self) -> ImportGraph:
+        return ImportGraph()
+
+    def code(self, command: str, keys: Iterable[str] = ()) -> list[str]:
+        """The package source files a job running `emae COMMAND` and reading the params `keys`
+        executes (computed from the imports: emae.workflow.closure)."""
+        sections = dict.fromkeys(key.split(".")[0] for key in keys)
+        return self._imports.closure(entry_modules(command, sections))
+
+    def code_digest(self, files: Iterable[str]) -> str:
+        """A hash of the files' contents: a job's Snakemake `params` (reruns when its code changes)."""
+        return self._imports.digest(files)
 
     # ------------------------------------------------------------------------------ DVC params
 

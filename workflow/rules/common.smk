@@ -70,6 +70,12 @@ def stage_params(stage):
     return lambda wildcards: PIPELINE.param_values(job_of(stage, wildcards))
 
 
+def stage_code(stage):
+    """A digest of the package code the job runs (the import closure of its entry modules, the
+    files dvc.yaml lists as its deps): a changed digest is a params change, so Snakemake reruns it."""
+    return lambda wildcards: PIPELINE.code_digest(job_of(stage, wildcards).code)
+
+
 def job_overrides(stage):
     """The user's overrides on a job's command line. Switching another stage on or off
     (`pipeline.stages.S=...`) changes which jobs exist, not what this one computes, so those

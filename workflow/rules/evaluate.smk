@@ -9,7 +9,7 @@ for _stage in ("knn", "linprobe", "finetune", "consistency", "visualize", "detec
         name: _stage
         input: stage_inputs(_stage)
         output: stage_outputs(_stage)
-        params: values=stage_params(_stage), args=stage_args(_stage)
+        params: values=stage_params(_stage), code=stage_code(_stage), args=stage_args(_stage)
         log: log_path(_stage)
         threads: THREADS
         shell: "{EMAE} stage {params.args} > {log} 2>&1"

@@ -2,7 +2,7 @@
 rule pretrain:
     input: stage_inputs("pretrain")
     output: stage_outputs("pretrain")
-    params: values=stage_params("pretrain"), args=stage_args("pretrain")
+    params: values=stage_params("pretrain"), code=stage_code("pretrain"), args=stage_args("pretrain")
     log: log_path("pretrain")
     threads: THREADS
     shell: "{EMAE} stage {params.args} > {log} 2>&1"

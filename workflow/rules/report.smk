@@ -30,7 +30,7 @@ def report_outputs():
 rule report:
     input: PIPELINE.job("report").deps
     output: report_outputs()
-    params: values=stage_params("report"), args=stage_args("report")
+    params: values=stage_params("report"), code=stage_code("report"), args=stage_args("report")
     log: log_path("report")
     threads: 1
     shell: "{EMAE} stage {params.args} > {log} 2>&1"

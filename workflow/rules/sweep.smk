@@ -38,6 +38,11 @@ def sweep_values():
     return json.dumps({k: tree.get(k) for k in SWEEP_SECTIONS}, sort_keys=True)
 
 
+def sweep_code():
+    """A digest of the package code the sweep runs (as `stage_code`): it reruns when that changes."""
+    return PIPELINE.code_digest(PIPELINE.code("sweep", SWEEP_SECTIONS))
+
+
 if "sweep" in PIPELINE.config.extra:
 
     localrules: sweep
@@ -55,7 +60,7 @@ if "sweep" in PIPELINE.config.extra:
             metrics=f"{SWEEP_DIR}/{{study}}/metrics.json",
             heatmap=report(f"{SWEEP_DIR}/{{study}}/plots/heatmap.png", category="4. Sweeps"),
             history=f"{SWEEP_DIR}/{{study}}/plots/history.png",
-        params: values=sweep_values(), args=sweep_args
+        params: values=sweep_values(), code=sweep_code(), args=sweep_args
         log: "logs/sweep/{study}.log"
         threads: THREADS
         wildcard_constraints:
