@@ -38,13 +38,13 @@ def encoder_digest(path: str | Path, random_init: bool = False) -> str:
 
 
 def tree_digest(root: str | Path) -> str:
-    """A folder's identity without reading its files: sha256 over every file's relative path, size
-    and mtime (an added, removed, renamed or rewritten file changes it)."""
+    """A folder's identity without reading its files: sha256 over every file's relative path and
+    size (an added, removed, renamed or resized file changes it; a copy that only rewrote the
+    modification times, as `dvc pull` does, does not)."""
     root = Path(root)
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_size}\n".encode())
     return digest.hexdigest()
 
 
