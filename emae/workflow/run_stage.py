@@ -43,9 +43,30 @@ def run(args: argparse.Namespace) -> int:
         pipeline.job(args.stage, run=pipeline.runs[0])  # raises: the stage takes no variant
     job = pipeline.job(args.stage, run_)
     argv = job.launch_argv(args.launcher_params, args.launcher)
+    batch = _batch_line(pipeline, args.stage, run_, args.launcher)
+    if batch:
+        print(batch, file=sys.stderr, flush=True)
     print("emae " + shlex.join(argv), file=sys.stderr if not args.print_only else sys.stdout, flush=True)
     if args.print_only:
         return 0
     from emae.cli import main
 
     return main(argv)
+
+
+def _batch_line(pipeline, stage: str, run, launcher_overrides: list[str]) -> str | None:
+    """What a training job will step with, from the launcher's process count for it: the effective
+    batch, how it is made up, and the learning rate it gives."""
+    from emae.config import effective_batch
+    from emae.launch.config import load_launcher_config
+
+    if stage not in ("pretrain", "linprobe", "finetune", "detect", "segment"):
+        return None
+    config = pipeline.run_configs[run]
+    cfg = config.pretrain if stage == "pretrain" else config.section(stage)
+    res = load_launcher_config(config.extra.get("launcher", {}), launcher_overrides).for_stage(stage)
+    world = res.nodes * res.tasks_per_node
+    accum, effective = effective_batch(cfg, stage, world)
+    lr = cfg.lr if stage in ("detect", "segment") else cfg.blr * effective / 256
+    return (f"{stage} {run.name}: effective batch {effective} = batch_size {cfg.batch_size} x {world} "
+            f"process(es) x accum_iter {accum}; lr {lr:.4g}")

@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 import yaml
 
-from emae.config import (Config, _merge, config_from_tree, load_raw, param_files, parse_override,
-                         validate_all)
+from emae.config import (Config, _merge, config_from_tree, effective_batch, load_raw, param_files,
+                         parse_override, validate_all)
 from emae.errors import ConfigError
 from emae.workflow.closure import ImportGraph, entry_modules
 from emae.workflow.config import PipelineConfig
@@ -182,6 +182,7 @@ class Pipeline:
         self.runs = [Run(v, s) for v in self.settings.variants for s in self.settings.seeds]
         self.run_configs = {run: self._load(run) for run in self.runs}  # validates every variant
         self._check_data_root()
+        self.batches = self._check_batches()
 
     # ------------------------------------------------------------------------------ params
 
@@ -222,6 +223,24 @@ class Pipeline:
         if self.settings.stages.prepare and len(roots) > 1:
             raise ConfigError(f"pipeline.stages.prepare is true but the variants use different "
                               f"data.root values ({', '.join(sorted(roots))}); prepare writes one")
+
+    def _check_batches(self) -> dict[tuple[str, Run], tuple[int, int]]:
+        """(accum_iter, effective batch) of every training job with the process count the launcher
+        grants its stage (nodes x tasks_per_node): numbers that disagree fail here, before any job."""
+        launcher = self.config.section("launcher")
+        batches = {}
+        for stage in ("pretrain", "linprobe", "finetune", "detect", "segment"):
+            if not self.stage_enabled(stage):
+                continue
+            res = launcher.for_stage(stage)
+            for run, config in self.run_configs.items():
+                cfg = config.pretrain if stage == "pretrain" else config.section(stage)
+                try:
+                    batches[stage, run] = effective_batch(cfg, stage, res.nodes * res.tasks_per_node)
+                except ConfigError as err:
+                    raise ConfigError(f"{run.name}: {err} (launcher: stage {stage} runs "
+                                      f"{res.nodes} node(s) x {res.tasks_per_node} task(s))") from None
+        return batches
 
     @property
     def data_root(self) -> str:
