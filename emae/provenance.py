@@ -66,8 +66,9 @@ def code_version() -> dict[str, Any]:
         return {"commit": None, "dirty": None, "diff_sha256": None}
     status = _git(root, "status", "--porcelain", "--untracked-files=normal") or ""
     diff = _git(root, "diff", "HEAD", "--binary") or ""
+    # the digest covers the diff and the names of untracked files: two dirty trees differ in it
     return {"commit": commit.strip(), "dirty": bool(status.strip()),
-            "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if status.strip() else None}
+            "diff_sha256": hashlib.sha256((status + diff).encode()).hexdigest() if status.strip() else None}
 
 
 def _cpu_model() -> str:
@@ -109,6 +110,12 @@ def _hosts() -> list[str]:
     return [nodes] if nodes else [socket.gethostname()]
 
 
+def _program() -> str:
+    """`emae` for the CLI however it was started (console script, `python -m emae.cli`, torchrun)."""
+    name = Path(sys.argv[0]).name
+    return "emae" if name in ("emae", "cli.py", "__main__.py") else name
+
+
 def _started() -> str:
     try:
         import psutil
@@ -122,7 +129,7 @@ def _started() -> str:
 def collect(world_size: int) -> dict[str, Any]:
     """The provenance block of a metrics file (read at the end of a stage, on rank 0)."""
     return {**code_version(), **_versions(), **_devices(), "world_size": world_size,
-            "hosts": _hosts(), "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "hosts": _hosts(), "command": shlex.join([_program(), *sys.argv[1:]]),
             "started": _started(),
             "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 

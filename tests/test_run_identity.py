@@ -34,7 +34,7 @@ def test_a_probe_of_a_new_encoder_reports_the_new_encoder(digits_root: Path, tmp
     finished checkpoint, sees another encoder, and trains again (at ee70ea8 it resumed at the last
     step and reported A's head for B)."""
     run, probe = tmp_path / "run", tmp_path / "probe"
-    tiny = [*_tiny(digits_root), "linprobe.epochs=3", "linprobe.batch_size=128"]
+    tiny = [*_tiny(digits_root), "linprobe.epochs=10", "linprobe.batch_size=128", "linprobe.blr=2"]
     pretrain_argv = ["pretrain", "-p", str(PARAMS), "-o", str(run), *tiny]
     probe_argv = ["linprobe", "-p", str(PARAMS), "--checkpoint", str(run / "encoder.safetensors"), *tiny]
     run_cli(*pretrain_argv)
@@ -52,8 +52,9 @@ def test_a_probe_of_a_new_encoder_reports_the_new_encoder(digits_root: Path, tmp
     assert stale_fixed["inputs"]["encoder"] == file_digest(run / "encoder.safetensors") != first["inputs"]["encoder"]
     for key in ("top1", "top5", "best_top1", "steps"):
         assert stale_fixed[key] == fresh[key], key
+    assert first["top1"] != fresh["top1"]  # A's head would have told another figure
     log = [json.loads(line) for line in (probe / "log.jsonl").read_text().splitlines()]
-    assert [line["epoch"] for line in log] == [1, 2, 3]  # the stale run's lines are gone
+    assert [line["epoch"] for line in log] == list(range(1, 11))  # the stale run's lines are gone
 
 
 def test_pretraining_restarts_when_its_data_changed(digits_root: Path, tmp_path: Path) -> None:
