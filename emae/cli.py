@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help). Keep sorted by pipeline order.
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("emae.data.prepare", "write the embedded data set as an ImageFolder tree"),
+    "check": ("emae.data.check", "scan the data set: files and classes per split, every unreadable image"),
     "pretrain": ("emae.train.pretrain", "pre-train EMAE / MAE (resumes automatically)"),
     "knn": ("emae.eval.knn", "kNN top-1/top-5 of a pre-trained encoder (frozen features)"),
     "linprobe": ("emae.eval.linprobe", "linear probe of a frozen pre-trained encoder (MAE protocol)"),

@@ -1,7 +1,8 @@
 """Data sets: ImageFolder (ImageNet layout, also what `emae prepare` writes) and CIFAR-10/100.
 
-Bad input fails early with the path: a missing root or split, a class folder without images, an
-unreadable image (or, with `data.skip_corrupt`, a warning and the next image instead).
+Bad input fails early with the path: a missing root or split, other classes in val/ than in train/,
+a class folder without images, and every unreadable image (found by the scan, before training or
+evaluation starts; or, with `data.skip_corrupt`, left out with one warning).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from PIL import Image
 from torchvision import datasets, transforms
 
-from emae.data.scan import IMAGE_EXTENSIONS, is_image  # noqa: F401 - IMAGE_EXTENSIONS: emae.dense reads it here
+from emae.data.images import load_rgb
+from emae.data.scan import IMAGE_EXTENSIONS  # noqa: F401 - emae.dense reads it here
+from emae.data.scan import DatasetScan, check_same_classes, is_image, scan_imagefolder
 from emae.errors import EmaeError
 
 log = logging.getLogger(__name__)
@@ -46,12 +48,14 @@ def eval_transform(data_cfg: Any) -> Callable:
 
 
 class CheckedImageFolder(datasets.ImageFolder):
-    """ImageFolder whose errors name the file; optionally skips unreadable images with a warning."""
+    """ImageFolder over the samples a scan found readable, with the train split's class mapping
+    (so a class has the same index in both splits); a file that fails later is named in the error."""
 
-    def __init__(self, root: str, transform: Callable | None, skip_corrupt: bool) -> None:
-        self.skip_corrupt = skip_corrupt
-        super().__init__(root, transform=transform, loader=self._load,
-                         allow_empty=True, is_valid_file=is_image)
+    def __init__(self, root: str | Path, classes: list[str], samples: list[tuple[str, int]],
+                 transform: Callable | None) -> None:
+        self._scanned = classes, samples
+        super().__init__(str(root), transform=transform, loader=load_rgb, allow_empty=True,
+                         is_valid_file=is_image)
         empty = [c for c, i in self.class_to_idx.items() if not any(t == i for t in self.targets)]
         if empty:
             raise EmaeError(f"{root}: class folder(s) without images: {', '.join(empty[:10])}")
@@ -59,42 +63,27 @@ class CheckedImageFolder(datasets.ImageFolder):
             raise EmaeError(f"{root}: no images found")
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        try:
-            return super().find_classes(directory)
-        except FileNotFoundError as err:
-            raise EmaeError(f"{directory}: no class folders found ({err})") from None
+        classes = self._scanned[0]
+        return list(classes), {name: i for i, name in enumerate(classes)}
 
-    @staticmethod
-    def _load(path: str) -> Image.Image:
-        try:
-            with open(path, "rb") as handle:
-                image = Image.open(handle)
-                return image.convert("RGB")
-        except Exception as err:  # noqa: BLE001 - PIL raises many kinds
-            raise EmaeError(f"{path}: cannot read image: {err}") from None
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        for offset in range(len(self.samples)):
-            try:
-                return super().__getitem__((index + offset) % len(self.samples))
-            except EmaeError as err:
-                if not self.skip_corrupt:
-                    raise
-                log.warning("skipping unreadable image: %s", err)
-        raise EmaeError(f"{self.root}: no readable image left")
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], *args: Any,
+                     **kwargs: Any) -> list[tuple[str, int]]:
+        return list(self._scanned[1])
 
 
 def build_dataset(data_cfg: Any, split: str, transform: Callable | None) -> torch.utils.data.Dataset:
-    """The `split` ('train' or 'val') of the configured data set, with `transform` applied."""
+    """The `split` ('train' or 'val') of the configured data set, with `transform` applied.
+
+    An ImageFolder is checked and scanned first, both splits (see `emae.data.scan`): other class
+    names in val/ than in train/, a class count other than data.num_classes, and every unreadable
+    image of either split are errors before anything is loaded; with data.skip_corrupt the
+    unreadable images are left out (one warning lists them), so sample indices stay stable.
+    """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     root = Path(data_cfg.root)
     if data_cfg.kind == "imagefolder":
-        split_dir = root / split
-        if not split_dir.is_dir():
-            raise EmaeError(f"{split_dir}: data split not found (data.root={data_cfg.root!r} needs "
-                            f"train/<class>/* and val/<class>/*; for the embedded set run `emae prepare`)")
-        dataset = CheckedImageFolder(str(split_dir), transform, data_cfg.skip_corrupt)
+        dataset = _imagefolder(data_cfg, split, transform)
         num_classes = len(dataset.classes)
     else:
         cls = datasets.CIFAR10 if data_cfg.kind == "cifar10" else datasets.CIFAR100
@@ -110,3 +99,35 @@ def build_dataset(data_cfg: Any, split: str, transform: Callable | None) -> torc
     if len(dataset) == 0:
         raise EmaeError(f"{root}/{split}: the split is empty")
     return dataset
+
+
+def _imagefolder(data_cfg: Any, split: str, transform: Callable | None) -> CheckedImageFolder:
+    root = Path(data_cfg.root)
+    _check_class_count(root, check_same_classes(root), data_cfg)  # before any decode
+    scan = scan_imagefolder(root)
+    accept_scan(data_cfg, scan)
+    return CheckedImageFolder(root / split, scan.classes, scan.splits[split].samples(), transform)
+
+
+def accept_scan(data_cfg: Any, scan: DatasetScan) -> None:
+    """Refuse a scanned ImageFolder with a class count other than data.num_classes or with
+    unreadable images (all of them listed); with data.skip_corrupt, warn about those instead."""
+    _check_class_count(scan.root, scan.classes, data_cfg)
+    if not scan.bad:
+        return
+    if not data_cfg.skip_corrupt:
+        raise EmaeError(f"{scan.root}: {len(scan.bad)} unreadable image(s) (fix or delete them, or set "
+                        f"data.skip_corrupt=true to leave them out):{scan.bad_lines()}")
+    lines = scan.bad_lines()
+    if (str(scan.root), lines) not in _warned:  # once per process, not per split or kNN monitor run
+        _warned.add((str(scan.root), lines))
+        log.warning("%s: leaving out %d unreadable image(s) (data.skip_corrupt=true):%s", scan.root,
+                    len(scan.bad), lines)
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _check_class_count(root: Path, classes: list[str], data_cfg: Any) -> None:
+    if len(classes) != data_cfg.num_classes:
+        raise EmaeError(f"{root}: has {len(classes)} classes but data.num_classes={data_cfg.num_classes}")

@@ -1,6 +1,7 @@
 """`emae prepare`: write the embedded data set (scikit-learn's bundled digits: 1,797 real 8x8
 hand-written digits, 10 classes) as an ImageFolder tree `train/<class>/*.png`, `val/<class>/*.png`
-at `data.image_size`, with a stratified split and a manifest. No download needed."""
+at `data.image_size`, with a stratified split and a manifest, then scans it (`emae check`) so the
+stages find the scan's manifest ready. No download needed."""
 
 from __future__ import annotations
 
@@ -30,6 +31,14 @@ def run(args: argparse.Namespace) -> None:
     manifest = prepare_digits(out, config.data.image_size, config.prepare.val_fraction,
                               config.prepare.seed)
     print(f"wrote {manifest['num_train']} train and {manifest['num_val']} val images to {out}")
+    # the scan every stage runs first: done here, its manifest is ready (and any problem shows now)
+    from emae.data.check import summary
+    from emae.data.datasets import accept_scan
+    from emae.data.scan import scan_imagefolder
+
+    scan = scan_imagefolder(out)
+    print(summary(scan))
+    accept_scan(config.data, scan)
 
 
 def prepare_digits(out: Path, image_size: int, val_fraction: float, seed: int) -> dict[str, Any]:
