@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from typing import Any, Callable
 
@@ -16,6 +18,25 @@ class ConfigError(EmaeError, ValueError):
 
 class NonFiniteLossError(EmaeError):
     """Training diverged; the last checkpoint written before it is intact."""
+
+
+class StorageError(EmaeError):
+    """A file could not be written because of the storage (a full disk, a quota, a read-only file
+    system). The writers of `emae.io` raise it having left the previous file as it was and no
+    partial or temporary file."""
+
+    _NO_SPACE = ("no space left on device", "free some space and run the command again")
+    KINDS: dict[int, tuple[str, str]] = {  # errno -> (what happened, what to do)
+        errno.ENOSPC: _NO_SPACE,
+        errno.EDQUOT: _NO_SPACE,  # to the user, a quota is a full disk
+        errno.EROFS: ("read-only file system", "write to another folder (-o) and run the command again"),
+    }
+
+    def __init__(self, path: str | os.PathLike[str], code: int) -> None:
+        what, fix = self.KINDS[code]
+        super().__init__(f"{what} writing {path} ([Errno {code}] {os.strerror(code)}): nothing was "
+                         f"changed, the file is as it was before; {fix}")
+        self.path, self.errno = str(path), code
 
 
 def run_reporting_errors(func: Callable[[Any], int | None], args: Any) -> int:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from emae.config import effective_batch
 from emae.data import ResumableBatchSampler, SeededDataset
 from emae.errors import EmaeError
-from emae.io import atomic_write_text
+from emae.io import append_jsonl, atomic_write_text
 from emae.seeding import derive_seed
 from emae.train.checkpoint import RunCheckpoint
 from emae.train import distributed
@@ -137,7 +137,7 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
                 meter, metered_steps = None, 0
                 last_loss = step_losses["loss"]
                 if dist_info.is_main:
-                    _append_jsonl(out / "log.jsonl", {"iteration": iteration, "lr": _top_lr(optimizer),
+                    append_jsonl(out / "log.jsonl", {"iteration": iteration, "lr": _top_lr(optimizer),
                                                       **step_losses})
                 progress.set_postfix(loss=f"{last_loss:.3f}")
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
@@ -169,12 +169,6 @@ def _check_same_run(saved: dict[str, Any], now: dict[str, Any], path: Path) -> N
     if changed:
         raise EmaeError(f"{path} was written with other params; use another --out or move it away. "
                         "Changed: " + "; ".join(changed))
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 def _truncate_log(path: Path, iteration: int) -> None:

@@ -8,13 +8,7 @@ from typing import Any
 
 
 from emae.errors import EmaeError
-from emae.io import atomic_write_text
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
+from emae.io import append_jsonl, atomic_write_text  # append_jsonl: linprobe, finetune
 
 
 def truncate_log(path: Path, key: str, limit: int) -> None:

@@ -17,7 +17,14 @@ log = logging.getLogger("emae.checkpoint")
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: _torch_save(state, tmp))
+
+
+def _torch_save(state: dict[str, Any], path: Path) -> None:
+    # Through a Python file: given a path, torch's C++ writer reports a full disk only as
+    # "unexpected pos"; a Python file's OSError (ENOSPC, EDQUOT) stays on the exception chain.
+    with open(path, "wb") as handle:
+        torch.save(state, handle)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any] | None:

@@ -41,7 +41,7 @@ from emae.config import Config, effective_batch, save_config
 from emae.data import (ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest,
                        pretrain_transform)
 from emae.errors import EmaeError
-from emae.io import atomic_write_text
+from emae.io import append_jsonl, atomic_write_text
 from emae.masking import masked_in_both
 from emae.models import EMAE, save_encoder
 from emae.models.export import ENCODER_FILE
@@ -210,7 +210,7 @@ def pretrain(config: Config, out: Path,
         if cfg.knn_every_epochs and ((epoch + 1) % cfg.knn_every_epochs == 0 or epoch + 1 == cfg.epochs):
             epoch_stats |= _knn_monitor(model, config, device, dist_info)
         if dist_info.is_main:
-            _append_jsonl(out / "log.jsonl", epoch_stats)
+            append_jsonl(out / "log.jsonl", epoch_stats)
             if writer is not None:
                 for k, v in epoch_stats.items():
                     writer.add_scalar(f"epoch/{k}", v, epoch + 1)
@@ -301,15 +301,10 @@ def _tensorboard(out: Path) -> Any:
 
 
 def _log_step(out: Path, writer: Any, step: int, scalars: dict[str, float]) -> None:
-    _append_jsonl(out / "steps.jsonl", {"step": step, **scalars})
+    append_jsonl(out / "steps.jsonl", {"step": step, **scalars})
     if writer is not None:
         for k, v in scalars.items():
             writer.add_scalar(f"train/{k}", v, step)
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 def _truncate_logs(out: Path, step: int, steps_per_epoch: int) -> None:
