@@ -12,6 +12,8 @@ then `params/presets/<preset>.yaml` when a preset is chosen, then `key=value` ov
 from __future__ import annotations
 
 import copy
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -218,11 +220,106 @@ def validate_all(config: "Config") -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- loading
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+class ParamsLoader(yaml.SafeLoader):
+    """The one reader of params YAML (files and override values): the YAML 1.2 core schema.
+
+    PyYAML reads YAML 1.1, where `off`/`on`/`yes`/`no` are booleans (the documented
+    `pretrain.amp: off` would be False), `1e-4` is a string, `010` is 8 and `1:30` is 90. Here, as
+    in YAML 1.2 (and DVC, which reads the same files), only true/false are booleans, null/~/empty
+    are None, numbers are 1.2's, and anything else is the string typed; pydantic's lax mode still
+    takes "on"/"off"/"yes"/"no" for a bool field. `<<` merge keys work as before.
+    """
+
+    yaml_implicit_resolvers: dict[str, list[tuple[str, Any]]] = {}
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = self.construct_scalar(node)
+        if text[:2] in ("0o", "0x"):
+            return int(text[2:], 8 if text[1] == "o" else 16)
+        return int(text, 10)  # "010" is 10
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        text = self.construct_scalar(node)
+        if text.lower().lstrip("+-") in (".inf", ".nan"):
+            return float(text.lower().replace(".", ""))
+        return float(text)
+
+
+_YAML_12_CORE = [  # (tag, pattern, first characters); int before float: "10" is an int
+    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", list("tTfF")),
+    ("int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", list("-+0123456789")),
+    ("float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", list("-+.0123456789")),
+    ("merge", r"^(?:<<)$", ["<"]),
+]
+for _tag, _pattern, _first in _YAML_12_CORE:
+    ParamsLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), _first)
+ParamsLoader.add_constructor("tag:yaml.org,2002:int", ParamsLoader.construct_yaml_int)
+ParamsLoader.add_constructor("tag:yaml.org,2002:float", ParamsLoader.construct_yaml_float)
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class ParamsDumper(yaml.SafeDumper):
+    """The writer of params YAML (config.yaml): a string that YAML 1.1 or 1.2 would read as
+    something else (off, 1.0e5, 0o7) is quoted, so both ParamsLoader and other readers read back
+    what was written."""
+
+
+for _tag, _pattern, _first in _YAML_12_CORE:
+    ParamsDumper.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), _first)
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=ParamsDumper, sort_keys=False)
+
+
+def load_yaml(text: str, source: str, prefix: str = "") -> Any:
+    """`text` read by ParamsLoader. A key given twice in one mapping is an error naming `source`,
+    the dotted key (under `prefix`) and both lines: YAML would silently keep the last one."""
+    loader = ParamsLoader(text)
     try:
-        loaded = yaml.safe_load(path.read_text())
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(loader, node, source, prefix, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(loader: ParamsLoader, node: yaml.Node, source: str, prefix: str,
+                           seen_nodes: set[int]) -> None:
+    if id(node) in seen_nodes:  # an alias: checked where its anchor is
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(loader, item, source, f"{prefix}{i}.", seen_nodes)
+    elif isinstance(node, yaml.MappingNode):
+        lines: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                _refuse_duplicate_keys(loader, value_node, source, prefix, seen_nodes)
+                continue
+            key = loader.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(f"{source}: duplicate key {prefix}{key} on lines {lines[key]} and "
+                                  f"{line}: give each key once (YAML would keep the last silently)")
+            lines[key] = line
+            _refuse_duplicate_keys(loader, value_node, source, f"{prefix}{key}.", seen_nodes)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A params file: a mapping of sections (an empty file is an empty one)."""
+    try:
+        loaded = load_yaml(path.read_text(), str(path))
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the params file: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if loaded is None:
@@ -254,19 +351,55 @@ def _leaf_keys(tree: dict[str, Any], prefix: str) -> list[str]:
     return keys
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`section.key=value` -> (["section", "key"], value parsed as YAML: 0.5, true, null, [1,2])."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected section.key=value")
-    key, raw = text.split("=", 1)
-    parts = key.strip().split(".")
-    if len(parts) < 2 or not all(parts):
-        raise ConfigError(f"override {text!r}: the key must be section.key (e.g. model.num_parts=4)")
+def parse_value(raw: str, source: str, key: str = "") -> Any:
+    """An override's value, as params files read it (ParamsLoader): 0.5, true, off (a string),
+    null, [1, 2], {a: 1}; text that is not YAML stays the text typed."""
+    if not raw.strip():
+        return ""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        return load_yaml(raw, source, f"{key}." if key else "")
     except yaml.YAMLError:
-        value = raw
+        return raw
+
+
+def split_override(text: str, example: str = "model.num_parts=4") -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], the value read by parse_value)."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(f"override {text!r}: expected dotted.key=value (e.g. {example})")
+    return parts, parse_value(raw, f"override {text!r}", ".".join(parts))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value read as params YAML: 0.5, off, null, [1,2])."""
+    parts, value = split_override(text)
+    if len(parts) < 2:
+        raise ConfigError(f"override {text!r}: the key must be section.key (e.g. model.num_parts=4)")
     return parts, value
+
+
+def set_dotted(tree: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
+    """`tree[parts[0]]...[parts[-1]] = value`, making the mappings on the way (a null one counts
+    as empty); `text`, the override, names it in errors."""
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override {text!r}: {'.'.join(parts[:i + 1])} = {child!r} is not a "
+                              "mapping of keys")
+        node = child
+    node[parts[-1]] = value
+
+
+def merge_overrides(tree: dict[str, Any], origin: dict[str, str], overrides: Iterable[str]) -> None:
+    """Apply `section.key=value` overrides to `tree` in place, recording each in `origin`."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        set_dotted(tree, parts, value, text)
+        origin[".".join(parts)] = f"override {text!r}"
 
 
 def param_files(params: list[str | Path], preset: str | None = None) -> list[Path]:
@@ -301,16 +434,8 @@ def load_raw(params: list[str | Path], overrides: list[str] = (), preset: str | 
     tree: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for path in param_files(params, preset):
-        _merge(tree, _read_yaml(path), origin, str(path))
-    for text in overrides:
-        parts, value = parse_override(text)
-        node: dict[str, Any] = tree
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {'.'.join(parts[:-1])} is not a section")
-        node[parts[-1]] = value
-        origin[".".join(parts)] = f"override {text!r}"
+        _merge(tree, read_yaml(path), origin, str(path))
+    merge_overrides(tree, origin, overrides)
     return tree, origin
 
 
@@ -396,4 +521,4 @@ def config_from_tree(tree: dict[str, Any], origin: dict[str, str] | None = None)
 def save_config(config: Config, path: Path) -> None:
     from emae.io import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(path, dump_yaml(config.to_dict()))

@@ -1,8 +1,9 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from emae.config import load_config
+from emae.config import load_config, load_yaml, parse_override, read_yaml, save_config
 from emae.errors import ConfigError
 from tests.conftest import PARAMS, run_cli
 
@@ -54,3 +55,90 @@ def test_cli_rejects_bad_params_before_any_work(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "model.num_parts=9 is not allowed" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+# ---- params mean what was typed (YAML 1.2 core schema) and say each key once
+
+
+def test_documented_spellings_validate_from_overrides() -> None:
+    config = load_config([PARAMS], ["pretrain.amp=off", "model.norm_pix_loss=on", "pretrain.compile=off",
+                                    "pretrain.deterministic=true", "pretrain.clip_grad=null"])
+    assert config.pretrain.amp == "off"
+    assert config.model.norm_pix_loss is True and config.pretrain.compile is False
+    assert config.pretrain.deterministic is True and config.pretrain.clip_grad is None
+
+
+def test_documented_spellings_validate_from_a_file(tmp_path: Path) -> None:
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("pretrain:\n  amp: off\n  compile: yes\n  deterministic: off\n  clip_grad: ~\n"
+                       "model:\n  norm_pix_loss: on\n")
+    config = load_config([PARAMS, overlay])
+    assert config.pretrain.amp == "off"
+    assert config.pretrain.compile is True and config.pretrain.deterministic is False
+    assert config.pretrain.clip_grad is None and config.model.norm_pix_loss is True
+
+
+def test_yaml_12_numbers_and_strings() -> None:
+    text = "a: 1e-4\nb: 010\nc: 0x1f\nd: 1:30\ne: 2024-01-01\nf: NO\ng: .inf\nh: null\ni:\nj: [on, 2.5]\n"
+    assert load_yaml(text, "t.yaml") == {"a": 1e-4, "b": 10, "c": 31, "d": "1:30", "e": "2024-01-01",
+                                         "f": "NO", "g": float("inf"), "h": None, "i": None,
+                                         "j": ["on", 2.5]}
+
+
+def test_shipped_params_read_as_before() -> None:
+    """The switch of schema changed no value of params/ (same values, same types)."""
+    def typed(tree):
+        if isinstance(tree, dict):
+            return {k: typed(v) for k, v in tree.items()}
+        return [typed(v) for v in tree] if isinstance(tree, list) else (type(tree), tree)
+
+    for path in sorted(PARAMS.rglob("*.yaml")):
+        assert typed(read_yaml(path)) == typed(yaml.safe_load(path.read_text())), path
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("model:\n  mask_ratio: 0.75\n  mask_ratio: 0.5\n", "model.mask_ratio", (2, 3)),
+    ("model:\n  num_parts: 4\npretrain: {}\nmodel:\n  num_parts: 2\n", "model", (1, 4)),
+    ("pretrain:\n  betas: [0.9, 0.95]\n  x: [{a: 1, a: 2}]\n", "pretrain.x.0.a", (3, 3)),
+])
+def test_duplicate_keys_are_refused(tmp_path: Path, text: str, key: str, lines: tuple[int, int]) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^{path}: duplicate key {key} on lines {lines[0]} and "
+                                          rf"{lines[1]}: give each key once"):
+        load_config([PARAMS, path])
+
+
+def test_duplicate_key_in_an_override_and_merge_keys() -> None:
+    with pytest.raises(ConfigError, match=r"override 'pretrain.betas=\{a: 1, a: 2\}': duplicate key "
+                                          r"pretrain.betas.a"):
+        load_config([PARAMS], ["pretrain.betas={a: 1, a: 2}"])
+    # a key that overrides a `<<` merge is not a duplicate
+    assert load_yaml("base: &b {x: 1, y: 2}\nuse:\n  <<: *b\n  x: 3\n", "m.yaml")["use"] == {"x": 3, "y": 2}
+
+
+def test_saved_config_reads_back_unchanged(tmp_path: Path) -> None:
+    config = load_config([PARAMS], ["pretrain.amp=off", "data.root='1.0e5'"])  # a path, quoted
+    save_config(config, tmp_path / "config.yaml")
+    assert read_yaml(tmp_path / "config.yaml") == config.to_dict()
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["pretrain"]["amp"] == "off"  # YAML 1.1 too
+
+
+def test_launcher_settings_read_the_same_way(tmp_path: Path) -> None:
+    from emae.launch.config import load_launcher_config
+
+    path = tmp_path / "launcher.yaml"
+    path.write_text("launcher:\n  precheck: off\n  resources: {partition: gpu}\n")
+    assert load_launcher_config(path).precheck is False
+    assert load_launcher_config(None, ["precheck=off", "cancel_unschedulable=on"]).cancel_unschedulable
+    path.write_text("launcher:\n  kind: local\n  kind: slurm\n")
+    with pytest.raises(ConfigError, match=rf"{path}: duplicate key launcher.kind on lines 2 and 3"):
+        load_launcher_config(path)
+
+
+def test_pipeline_override_text_reads_back() -> None:
+    from emae.workflow.stages import flatten
+
+    items = flatten({"pretrain": {"amp": "off", "clip_grad": None, "betas": [0.9, 0.95]},
+                     "data": {"root": "1.0e5"}})
+    assert [parse_override(item)[1] for item in items] == ["off", None, [0.9, 0.95], "1.0e5"]

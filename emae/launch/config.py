@@ -189,25 +189,15 @@ def _format_errors(err: ValidationError, source: str, prefix: str) -> str:
 
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
     """``["kind=slurm", "stages.pretrain.gpus_per_node=2"]`` -> ``[(["kind"], "slurm"), ...]``.
-    Values are read as YAML scalars/flow collections (``2`` is an int, ``null`` is None,
+    Values are read as params files read them (emae.config: ``2`` is an int, ``null`` is None,
     ``{a: 1}`` a mapping); a leading ``launcher.`` is allowed and dropped."""
-    import yaml
+    from emae.config import split_override
 
     parsed = []
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value (e.g. kind=slurm, resources.partition=gpu)")
-        path = key.split(".")
+        path, value = split_override(item, example="kind=slurm, resources.partition=gpu")
         if path[0] == "launcher" and len(path) > 1:
             path = path[1:]
-        if any(not p for p in path):
-            raise ConfigError(f"override {item!r}: empty part in the key {key!r}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
         parsed.append((path, value))
     return parsed
 
@@ -216,19 +206,11 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     """A deep copy of `data` with the dotted ``key=value`` overrides set."""
     import copy
 
+    from emae.config import set_dotted
+
     out: dict[str, Any] = copy.deepcopy(dict(data))
-    for path, value in parse_overrides(overrides):
-        node = out
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(
-                    f"override {'.'.join(path)}={value!r}: {'.'.join(path[: i + 1])} is {child!r}, not a mapping"
-                )
-            node = child
-        node[path[-1]] = value
+    for item, (path, value) in zip(overrides, parse_overrides(overrides)):
+        set_dotted(out, path, value, item)
     return out
 
 
@@ -247,6 +229,8 @@ def load_launcher_config(
     """
     import yaml
 
+    from emae.config import load_yaml
+
     data: Any
     if source is None:
         data, where = {}, name or "launcher defaults"
@@ -260,7 +244,7 @@ def load_launcher_config(
         except OSError as err:
             raise ConfigError(f"{where}: cannot read the launcher settings: {err.strerror or err}") from None
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text, where)
         except yaml.YAMLError as err:
             raise ConfigError(f"{where}: not valid YAML: {err}") from None
         if data is None:

@@ -25,10 +25,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from emae.config import (Config, _merge, config_from_tree, effective_batch, load_raw, param_files,
-                         parse_override, validate_all)
+from emae.config import (Config, _merge, config_from_tree, effective_batch, load_raw, merge_overrides,
+                         param_files, parse_value, validate_all)
 from emae.errors import ConfigError
 from emae.workflow.closure import ImportGraph, entry_modules
 from emae.workflow.config import PipelineConfig
@@ -133,7 +131,7 @@ class StageJob:
 
 def format_value(value: Any) -> str:
     """A params value as `key=value` text that `emae.config.parse_override` reads back unchanged."""
-    if isinstance(value, str) and yaml.safe_load(value) == value:
+    if isinstance(value, str) and parse_value(value, "value") == value:
         return value
     return json.dumps(value)  # JSON is YAML: 1, 0.5, true, null, [0.5, 0.5], "1.0"
 
@@ -147,18 +145,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> list[str]:
         else:
             items.append(f"{prefix}{key}={format_value(value)}")
     return items
-
-
-def _apply_overrides(tree: dict[str, Any], origin: dict[str, str], overrides: list[str]) -> None:
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = tree
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {'.'.join(parts[:-1])} is not a section")
-        node[parts[-1]] = value
-        origin[".".join(parts)] = f"override {text!r}"
 
 
 class Pipeline:
@@ -195,7 +181,7 @@ class Pipeline:
             self._merge_labelled(tree, origin, self.settings.variants[run.variant],
                                  f"pipeline.variants.{run.variant}")
             self._merge_labelled(tree, origin, {"pretrain": {"seed": run.seed}}, "pipeline.seeds")
-        _apply_overrides(tree, origin, self.overrides)
+        merge_overrides(tree, origin, self.overrides)
         config = config_from_tree(tree, origin)
         validate_all(config)
         return config
