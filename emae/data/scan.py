@@ -10,9 +10,9 @@ The results are cached per split in a manifest of (relative path, size, mtime_ns
 height, error): `<root>/.emae-scan-<split>.json` beside the data where that folder is writable,
 else `$XDG_CACHE_HOME/emae/scan/` (default `~/.cache/emae/scan/`), named by a digest of the split's
 absolute path. Both places are read. A rerun decodes only new or changed files (size or mtime_ns
-differ) and rewrites the manifest only when it changed; it is written atomically (`emae.io`), and
-processes scanning the same split (DDP ranks) take turns through a lock in the user cache folder,
-so only the first one decodes.
+differ) and rewrites the manifest only when it changed; it is written atomically (`emae.io`).
+Processes that find something to decode in the same split (DDP ranks) take turns through a lock
+in the user cache folder, so only the first one decodes; the others then read its manifest.
 
 `dataset_digest` identifies the configured data set from the same listing, without decoding.
 """
@@ -165,26 +165,34 @@ def scan_imagefolder(root: str | Path, workers: int | None = None) -> DatasetSca
 
 def scan_split(directory: Path, class_to_idx: dict[str, int], workers: int | None = None) -> SplitScan:
     """List `directory` and decode every image its manifest does not know (same size and mtime)."""
-    with _turn(directory):
-        listed = list_split(directory, class_to_idx)
-        known, read_from = _read_manifests(directory)
-        entries: dict[str, list[Any]] = {}
-        todo = []
-        for item in listed:
-            entry = known.get(item.rel)
-            if entry is not None and entry[:2] == [item.size, item.mtime_ns]:
-                entries[item.rel] = entry
-            else:
-                todo.append(item)
-        if todo:
-            log.info("%s: decoding %d new or changed of %d images", directory, len(todo), len(listed))
-            for item, found in zip(todo, _decode_all(directory, todo, workers)):
-                entries[item.rel] = [item.size, item.mtime_ns, *found]
-        manifest = read_from
-        if todo or set(entries) != set(known) or read_from is None:
-            manifest = _write_manifest(directory, entries)
+    listed = list_split(directory, class_to_idx)
+    entries, todo, known, manifest = _against_manifests(directory, listed)
+    if todo or set(entries) != set(known) or manifest is None:
+        with _turn(directory):  # another process may have scanned meanwhile: look again
+            entries, todo, known, manifest = _against_manifests(directory, listed)
+            if todo:
+                log.info("%s: decoding %d new or changed of %d images", directory, len(todo), len(listed))
+                for item, found in zip(todo, _decode_all(directory, todo, workers)):
+                    entries[item.rel] = [item.size, item.mtime_ns, *found]
+            if todo or set(entries) != set(known) or manifest is None:
+                manifest = _write_manifest(directory, entries)
     files = [ScannedFile(directory.name, item, *entries[item.rel][2:]) for item in listed]
     return SplitScan(directory, files, len(todo), manifest)
+
+
+def _against_manifests(directory: Path, listed: list[ListedFile]
+                       ) -> tuple[dict[str, list[Any]], list[ListedFile], dict[str, list[Any]], Path | None]:
+    """(the manifests' entries still valid, the files to decode, all entries read, where from)."""
+    known, read_from = _read_manifests(directory)
+    entries: dict[str, list[Any]] = {}
+    todo = []
+    for item in listed:
+        entry = known.get(item.rel)
+        if entry is not None and entry[:2] == [item.size, item.mtime_ns]:
+            entries[item.rel] = entry
+        else:
+            todo.append(item)
+    return entries, todo, known, read_from
 
 
 def _decode_all(directory: Path, todo: list[ListedFile], workers: int | None) -> Iterator[list[Any]]:
