@@ -49,6 +49,7 @@ if str(REPO) not in sys.path:  # runnable as a script without installing the pac
 from emae.io import write_json  # noqa: E402
 from emae.masking import num_visible, parallel_masks, visible_indices  # noqa: E402
 from emae.models import EMAE  # noqa: E402
+from emae.provenance import cpu_model  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 VARIANTS = ("mae", "emae_k2", "emae_k4", "naive_k4", "hf_vitmae")
@@ -326,7 +327,7 @@ def measure_memory(name: str, d: Dims, device: torch.device, amp_dtype: torch.dt
 def environment(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__,
-        "platform": platform.platform(), "processor": _cpu_model(),
+        "platform": platform.platform(), "processor": cpu_model(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "device": str(device),
     }
@@ -343,16 +344,6 @@ def environment(device: torch.device) -> dict[str, Any]:
     except ImportError:
         pass
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def summarise(times: dict[str, list[float]], variants: dict[str, Variant], d: Dims,

@@ -71,7 +71,8 @@ def code_version() -> dict[str, Any]:
             "diff_sha256": hashlib.sha256((status + diff).encode()).hexdigest() if status.strip() else None}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for figures that depend on the machine."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -87,7 +88,7 @@ def _devices() -> dict[str, Any]:
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         return {"device": "cuda", "device_names": names, "device_count": len(names)}
-    return {"device": "cpu", "device_names": [_cpu_model()], "device_count": 1,
+    return {"device": "cpu", "device_names": [cpu_model()], "device_count": 1,
             "cpu_threads": torch.get_num_threads()}
 
 
