@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from emae.errors import ConfigError
-from emae.masking import allowed_num_parts, num_visible
+from emae.patches import allowed_num_parts, num_visible  # not emae.masking: no torch for configs
 
 PositiveInt = Field(gt=0)
 
