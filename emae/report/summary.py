@@ -191,9 +191,7 @@ def provenance_table(pipeline: Pipeline, root: Path = Path(".")) -> tuple[pd.Dat
                     warnings.append(f"{path}: stale: made from another {name} than the current "
                                     f"{run.run_dir}'s ({recorded[:12] or 'unrecorded'} vs {digest[:12]}): "
                                     "rerun its stage")
-            rows.append({"run": run.name, "stage": stage, **_describe(metrics.get("provenance", {})),
-                         "hosts": ",".join(metrics.get("provenance", {}).get("hosts", [])),
-                         "finished": metrics.get("provenance", {}).get("finished", "")})
+            rows.append({"run": run.name, "stage": stage, **_describe(metrics.get("provenance", {}))})
     table = pd.DataFrame(rows)
     for stage, group in table.groupby("stage", sort=False):
         for column, what in COMPARED.items():

@@ -59,14 +59,15 @@ def _batch_line(pipeline, stage: str, run, launcher_overrides: list[str]) -> str
     batch, how it is made up, and the learning rate it gives."""
     from emae.config import effective_batch
     from emae.launch.config import load_launcher_config
+    from emae.workflow.stages import DENSE_STAGES, TRAINING_STAGES
 
-    if stage not in ("pretrain", "linprobe", "finetune", "detect", "segment"):
+    if stage not in TRAINING_STAGES:
         return None
     config = pipeline.run_configs[run]
     cfg = config.pretrain if stage == "pretrain" else config.section(stage)
     res = load_launcher_config(config.extra.get("launcher", {}), launcher_overrides).for_stage(stage)
     world = res.nodes * res.tasks_per_node
     accum, effective = effective_batch(cfg, stage, world)
-    lr = cfg.lr if stage in ("detect", "segment") else cfg.blr * effective / 256
+    lr = cfg.lr if stage in DENSE_STAGES else cfg.blr * effective / 256  # dense: an absolute lr
     return (f"{stage} {run.name}: effective batch {effective} = batch_size {cfg.batch_size} x {world} "
             f"process(es) x accum_iter {accum}; lr {lr:.4g}")

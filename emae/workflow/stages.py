@@ -39,6 +39,7 @@ EVAL_STAGES = ("knn", "linprobe", "finetune")  # read the exported encoder
 MODEL_STAGES = ("consistency", "visualize")  # read the full checkpoint (decoder included)
 DENSE_STAGES = ("detect", "segment")  # dense transfer on the exported encoder (emae.dense)
 RUN_STAGES = ("pretrain", *EVAL_STAGES, *MODEL_STAGES, *DENSE_STAGES)
+TRAINING_STAGES = ("pretrain", "linprobe", "finetune", *DENSE_STAGES)  # step with an effective batch
 STAGES = ("prepare", "prepare_dense", *RUN_STAGES, "report", "sweep")
 SWEEP_DIR = f"{RESULTS_DIR}/sweeps"
 SWEEP_STUDY = "k_mask_ratio"  # the study the pipeline runs when pipeline.stages.sweep is true
@@ -215,7 +216,7 @@ class Pipeline:
         grants its stage (nodes x tasks_per_node): numbers that disagree fail here, before any job."""
         launcher = self.config.section("launcher")
         batches = {}
-        for stage in ("pretrain", "linprobe", "finetune", "detect", "segment"):
+        for stage in TRAINING_STAGES:
             if not self.stage_enabled(stage):
                 continue
             res = launcher.for_stage(stage)
