@@ -93,7 +93,11 @@ class ModelConfig(Section):
 
 
 class PretrainConfig(Section):
-    epochs: int = Field(gt=0)
+    epochs: int = Field(gt=0, description="the schedule's length (and warmup_epochs' reference) "
+                        "when no budget is set")
+    budget_flops: float | None = Field(default=None, gt=0, description="pre-training budget in "
+                                       "analytic training FLOPs (emae.flops); epochs are fitted to it")
+    budget_images: int | None = Field(default=None, gt=0, description="budget in images seen")
     batch_size: int = Field(gt=0, description="images per device per step (each gives K views)")
     accum_iter: int | None = Field(gt=0, description="micro-batches per step; null: derived from "
                                    "effective_batch_size and the number of processes")
@@ -112,6 +116,13 @@ class PretrainConfig(Section):
     log_every_steps: int = Field(gt=0)
     knn_every_epochs: int = Field(ge=0, description="kNN monitor every N epochs; 0 = off")
     deterministic: bool
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> PretrainConfig:
+        if self.budget_flops is not None and self.budget_images is not None:
+            raise ValueError(f"pretrain.budget_flops={self.budget_flops:g} and pretrain.budget_images="
+                             f"{self.budget_images} are both set: give one budget (or neither: epochs)")
+        return self
 
 
 def effective_batch(cfg: BaseModel, section: str, world_size: int) -> tuple[int, int]:

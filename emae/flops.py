@@ -52,3 +52,17 @@ def forward_flops(model: ModelDims, img_size: int, in_chans: int) -> float:
 def train_flops_per_image(model: ModelDims, img_size: int, in_chans: int) -> float:
     """FLOPs of one image in a training step: forward + backward (= 2 x forward)."""
     return 3 * forward_flops(model, img_size, in_chans)
+
+
+def fit_epochs(epochs: int, warmup_epochs: float, images_per_epoch: int, flops_per_image: float,
+               budget_flops: float | None = None, budget_images: int | None = None) -> tuple[int, float]:
+    """(epochs, warmup_epochs) of a pre-training budget: the whole number of epochs nearest to it
+    (at least one), the warm-up keeping its share of the schedule. No budget: `epochs` as given."""
+    if budget_flops is not None:
+        fitted = budget_flops / (images_per_epoch * flops_per_image)
+    elif budget_images is not None:
+        fitted = budget_images / images_per_epoch
+    else:
+        return epochs, warmup_epochs
+    fitted_epochs = max(1, round(fitted))
+    return fitted_epochs, warmup_epochs * fitted_epochs / epochs

@@ -117,3 +117,30 @@ def test_missing_data_is_a_clear_error(tmp_path: Path, tiny_overrides: list[str]
     config = load_config(CORE_PARAMS, tiny_overrides + [f"data.root={tmp_path / 'nowhere'}"])
     with pytest.raises(EmaeError, match=r"nowhere/train: data split not found"):
         pretrain(config, tmp_path / "run")
+
+
+def test_a_flop_budget_fits_the_epochs_and_equal_flops_give_k_times_fewer_epochs(
+        tmp_path: Path, tiny_overrides: list[str]) -> None:
+    from emae.flops import train_flops_per_image
+
+    mae = load_config(CORE_PARAMS, tiny_overrides + ["model.num_parts=1", "model.consistency_weight=0",
+                                                     "pretrain.epochs=4"])
+    steps = 1437 // 64
+    mae_flops = 4 * steps * 64 * train_flops_per_image(mae.model, 16, 3)
+    # EMAE K=4 at MAE's 4-epoch FLOPs: one epoch (K views cost ~4x), warm-up shortened alike
+    emae = load_config(CORE_PARAMS, tiny_overrides + ["model.num_parts=4", "pretrain.epochs=4",
+                                                      f"pretrain.budget_flops={mae_flops}"])
+    metrics = pretrain(emae, tmp_path / "emae")
+    assert metrics["epochs"] == 1 and metrics["steps"] == steps
+    assert metrics["pretrain_flops"] == pytest.approx(mae_flops, rel=0.1)  # the views share the patch embedding
+    assert metrics["budget_flops"] == mae_flops and metrics["images_seen"] == steps * 64
+    saved = (tmp_path / "emae" / "config.yaml").read_text()
+    assert "epochs: 1\n" in saved and "warmup_epochs: 0.25\n" in saved
+    log = [json.loads(line) for line in (tmp_path / "emae" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["flops"] == metrics["pretrain_flops"]
+    # images: 2 epochs' worth -> 2 epochs
+    two = load_config(CORE_PARAMS, tiny_overrides + [f"pretrain.budget_images={2 * steps * 64}",
+                                                     "pretrain.checkpoint_every_steps=1000"])
+    assert pretrain(two, tmp_path / "two")["epochs"] == 2
+    with pytest.raises(EmaeError, match="budget_flops=1e.* and pretrain.budget_images=5 are both set"):
+        load_config(CORE_PARAMS, tiny_overrides + ["pretrain.budget_flops=1e12", "pretrain.budget_images=5"])

@@ -41,6 +41,7 @@ from emae.config import Config, effective_batch, save_config
 from emae.data import (ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest,
                        pretrain_transform)
 from emae.errors import EmaeError
+from emae.flops import fit_epochs, train_flops_per_image
 from emae.io import append_jsonl, atomic_write_text
 from emae.masking import masked_in_both
 from emae.models import EMAE, save_encoder
@@ -100,6 +101,12 @@ def pretrain(config: Config, out: Path,
     if steps_per_epoch == 0:
         raise EmaeError(f"data set has {len(dataset)} images: too few for pretrain.batch_size="
                         f"{cfg.batch_size} x accum_iter={cfg.accum_iter} x {dist_info.world_size} ranks")
+    # a budget in FLOPs or images is met in whole epochs; the schedule is stretched to them
+    flops_per_image = train_flops_per_image(config.model, config.data.image_size, config.data.in_chans)
+    epochs, warmup_epochs = fit_epochs(cfg.epochs, cfg.warmup_epochs, steps_per_epoch * eff_batch,
+                                       flops_per_image, cfg.budget_flops, cfg.budget_images)
+    cfg = cfg.model_copy(update={"epochs": epochs, "warmup_epochs": warmup_epochs})
+    config = config.model_copy(update={"pretrain": cfg})
     total_steps = steps_per_epoch * cfg.epochs
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.data.num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
@@ -151,9 +158,10 @@ def pretrain(config: Config, out: Path,
             log.warning("K=%d at mask_ratio=%g: no patch is masked in two parts, so the consistency term "
                         "is empty and model.consistency_weight has no effect", config.model.num_parts,
                         config.model.mask_ratio)
-        log.info("pre-training %s: K=%d mask_ratio=%.2f lambda=%g, %d steps of %d images (lr %.3g)",
-                 out, config.model.num_parts, config.model.mask_ratio,
-                 config.model.consistency_weight, total_steps, eff_batch, lr)
+        log.info("pre-training %s: K=%d mask_ratio=%.2f lambda=%g, %d steps of %d images (lr %.3g), "
+                 "%d epochs = %.3g FLOPs", out, config.model.num_parts, config.model.mask_ratio,
+                 config.model.consistency_weight, total_steps, eff_batch, lr, cfg.epochs,
+                 total_steps * eff_batch * flops_per_image)
     writer = _tensorboard(out) if dist_info.is_main else None
 
     # the loop
@@ -206,7 +214,7 @@ def pretrain(config: Config, out: Path,
                        for k, v in meter.totals().items()}
         epoch_stats |= {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                         "images_per_s": epoch_images / epoch_seconds, "epoch_seconds": epoch_seconds,
-                        "pretrain_seconds": elapsed}
+                        "pretrain_seconds": elapsed, "flops": step * eff_batch * flops_per_image}
         if cfg.knn_every_epochs and ((epoch + 1) % cfg.knn_every_epochs == 0 or epoch + 1 == cfg.epochs):
             epoch_stats |= _knn_monitor(model, config, device, dist_info)
         if dist_info.is_main:
@@ -230,7 +238,10 @@ def pretrain(config: Config, out: Path,
                    "final_consistency_loss": epoch_stats.get("consistency_loss"),
                    "num_parts": config.model.num_parts, "mask_ratio": config.model.mask_ratio,
                    "consistency_weight": config.model.consistency_weight,
-                   "effective_batch_size": eff_batch, "lr": lr, "world_size": dist_info.world_size}
+                   "effective_batch_size": eff_batch, "lr": lr, "world_size": dist_info.world_size,
+                   "flops_per_image": flops_per_image, "images_seen": step * eff_batch,
+                   "pretrain_flops": step * eff_batch * flops_per_image,
+                   "budget_flops": cfg.budget_flops, "budget_images": cfg.budget_images}
         for key in ("knn_top1", "knn_top5"):
             if key in epoch_stats:
                 metrics[key] = epoch_stats[key]
