@@ -11,6 +11,7 @@ then `params/presets/<preset>.yaml` when a preset is chosen, then `key=value` ov
 
 from __future__ import annotations
 
+import argparse
 import copy
 import re
 from collections.abc import Iterable
@@ -22,9 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from emae.errors import ConfigError
 from emae.patches import allowed_num_parts, num_visible  # not emae.masking: no torch for configs
-
-PositiveInt = Field(gt=0)
-
 
 # Adam's (beta1, beta2): each in [0, 1)
 Beta = Annotated[float, Field(ge=0, lt=1)]
@@ -373,43 +371,34 @@ def parse_value(raw: str, source: str, key: str = "") -> Any:
         return raw
 
 
-def split_override(text: str, example: str = "model.num_parts=4") -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a", "b", "c"], the value read by parse_value)."""
+def parse_override(text: str, section: str | None = None) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], the value read by parse_value). With `section`,
+    the key may leave the section out (the launcher's `kind=slurm` is `launcher.kind=slurm`)."""
     key, sep, raw = text.partition("=")
     parts = key.strip().split(".")
-    if not sep or not all(parts):
-        raise ConfigError(f"override {text!r}: expected dotted.key=value (e.g. {example})")
+    if section and parts[0] != section:
+        parts.insert(0, section)
+    if not sep or not all(parts) or len(parts) < 2:
+        example = "kind=slurm, resources.partition=gpu" if section else "model.num_parts=4"
+        raise ConfigError(f"override {text!r}: expected a dotted key=value (e.g. {example})")
     return parts, parse_value(raw, f"override {text!r}", ".".join(parts))
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`section.key=value` -> (["section", "key"], value read as params YAML: 0.5, off, null, [1,2])."""
-    parts, value = split_override(text)
-    if len(parts) < 2:
-        raise ConfigError(f"override {text!r}: the key must be section.key (e.g. model.num_parts=4)")
-    return parts, value
-
-
-def set_dotted(tree: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
-    """`tree[parts[0]]...[parts[-1]] = value`, making the mappings on the way (a null one counts
-    as empty); `text`, the override, names it in errors."""
-    node = tree
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"override {text!r}: {'.'.join(parts[:i + 1])} = {child!r} is not a "
-                              "mapping of keys")
-        node = child
-    node[parts[-1]] = value
-
-
-def merge_overrides(tree: dict[str, Any], origin: dict[str, str], overrides: Iterable[str]) -> None:
-    """Apply `section.key=value` overrides to `tree` in place, recording each in `origin`."""
+def merge_overrides(tree: dict[str, Any], origin: dict[str, str], overrides: Iterable[str],
+                    section: str | None = None) -> None:
+    """Apply `section.key=value` overrides to `tree` in place (making the mappings on the way; a
+    null one counts as empty), recording each in `origin`."""
     for text in overrides:
-        parts, value = parse_override(text)
-        set_dotted(tree, parts, value, text)
+        parts, value = parse_override(text, section)
+        node = tree
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:
+                node[part] = {}
+            elif not isinstance(node[part], dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[:i + 1])} = {node[part]!r} is "
+                                  "not a mapping of keys")
+            node = node[part]
+        node[parts[-1]] = value
         origin[".".join(parts)] = f"override {text!r}"
 
 
@@ -456,7 +445,7 @@ def explain_validation_error(err: ValidationError, origin: dict[str, str], root:
     for problem in err.errors():
         loc = [str(p) for p in problem["loc"]]
         key = ".".join(([root] if root else []) + loc)
-        source = _source_of(key, origin)
+        source = source_of(key, origin)
         message = problem["msg"]
         if problem["type"] == "missing":
             lines.append(f"{source}: {key} is missing (required)")
@@ -474,14 +463,13 @@ def explain_validation_error(err: ValidationError, origin: dict[str, str], root:
 
 def _source_of_message(message: str, origin: dict[str, str], fallback: str) -> str:
     """The source of the keys a cross-key message names (an override wins over a file)."""
-    import re
-
     sources = [origin[k] for k in re.findall(r"[a-z_]+\.[a-z_.]+", message) if k in origin]
     overrides = [s for s in sources if s.startswith("override")]
     return (overrides or sources or [fallback])[0]
 
 
-def _source_of(key: str, origin: dict[str, str]) -> str:
+def source_of(key: str, origin: dict[str, str], default: str = "params") -> str:
+    """The file or override that set `key`, or a key above or below it (a section's file)."""
     while key:
         if key in origin:
             return origin[key]
@@ -489,14 +477,14 @@ def _source_of(key: str, origin: dict[str, str]) -> str:
         if matches:
             return sorted(set(matches))[0]
         key = key.rpartition(".")[0]
-    return "params"
+    return default
 
 
 def validate_section(model: type[BaseModel], tree: dict[str, Any], name: str,
                      origin: dict[str, str] | None = None) -> Any:
     """Validate one section of the tree with its pydantic model; errors name file, key and value."""
     if name not in tree:
-        raise ConfigError(f"{_source_of(name, origin or {})}: section {name!r} is missing")
+        raise ConfigError(f"{source_of(name, origin or {})}: section {name!r} is missing")
     try:
         return model.model_validate(tree[name])
     except ValidationError as err:
@@ -517,7 +505,7 @@ def config_from_tree(tree: dict[str, Any], origin: dict[str, str] | None = None)
     if unknown:
         known = ", ".join(sorted([*CORE_SECTIONS, *SECTION_MODELS]))
         raise ConfigError("invalid params:\n  " + "\n  ".join(
-            f"{_source_of(k, origin or {})}: unknown section {k!r} (known: {known})" for k in unknown))
+            f"{source_of(k, origin or {})}: unknown section {k!r} (known: {known})" for k in unknown))
     try:
         config = Config.model_validate(core)
     except ValidationError as err:
@@ -527,6 +515,20 @@ def config_from_tree(tree: dict[str, Any], origin: dict[str, str] | None = None)
     return config
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, out_required: bool = False) -> None:
+    """What every command that reads params takes: -p/--params, --preset, -o/--out, overrides."""
+    parser.add_argument("--params", "-p", action="append", default=None, metavar="PATH",
+                        help="params file or directory (repeatable, later wins; default: params/)")
+    parser.add_argument("--preset", default=None,
+                        help="overlay params/presets/<PRESET>.yaml (e.g. cifar10, imagenet_vit_b16)")
+    parser.add_argument("--out", "-o", required=out_required, default=None, metavar="DIR",
+                        help="output folder")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override params, e.g. model.num_parts=4 pretrain.epochs=2")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.params or ["params"], args.overrides, args.preset)
 
 
 def save_config(config: Config, path: Path) -> None:

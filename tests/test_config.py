@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emae.config import load_config, load_yaml, parse_override, read_yaml, save_config
+from emae.config import load_config, load_yaml, merge_overrides, parse_override, read_yaml, save_config
 from emae.errors import ConfigError
 from tests.conftest import PARAMS, run_cli
 
@@ -134,6 +134,19 @@ def test_launcher_settings_read_the_same_way(tmp_path: Path) -> None:
     path.write_text("launcher:\n  kind: local\n  kind: slurm\n")
     with pytest.raises(ConfigError, match=rf"{path}: duplicate key launcher.kind on lines 2 and 3"):
         load_launcher_config(path)
+
+
+def test_overrides_make_the_mappings_on_their_way() -> None:
+    tree, origin = {"a": {"b": 1}, "n": None}, {}
+    merge_overrides(tree, origin, ["a.c=[1, 2]", "n.x=1", "kind=slurm"], section="launcher")
+    assert tree == {"a": {"b": 1}, "n": None, "launcher": {"a": {"c": [1, 2]}, "n": {"x": 1}, "kind": "slurm"}}
+    merge_overrides(tree, origin, ["a.c=[1, 2]", "n.x=1"])
+    assert tree["a"] == {"b": 1, "c": [1, 2]} and tree["n"] == {"x": 1}
+    assert origin["a.c"] == "override 'a.c=[1, 2]'" and origin["launcher.kind"] == "override 'kind=slurm'"
+    with pytest.raises(ConfigError, match=r"override 'a.b.c=1': a.b = 1 is not a mapping of keys"):
+        merge_overrides(tree, origin, ["a.b.c=1"])
+    with pytest.raises(ConfigError, match=r"override 'model': expected a dotted key=value"):
+        merge_overrides(tree, origin, ["model"])
 
 
 def test_pipeline_override_text_reads_back() -> None:

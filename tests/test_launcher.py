@@ -17,25 +17,11 @@ import pytest
 
 from conftest_slurm import SELFTEST, Launch, launcher_env, pid_alive, wait_until
 from emae.errors import ConfigError
-from emae.launch import (
-    LauncherConfig,
-    apply_overrides,
-    call_entry,
-    launch,
-    load_launcher_config,
-    local_command,
-    watch,
-)
+from emae.launch import (GONE, JobState, LauncherConfig, LaunchError, SignalGuard, call_entry, job_state, launch,
+                         load_launcher_config, local_command, precheck, watch)
 from emae.launch.cli import split_rest
-from emae.launch.runner import GONE, LaunchError, SlurmStateProbe, precheck
-from emae.launch.slurm import (
-    fit_resources,
-    gres_gpus,
-    never_resolves,
-    parse_slurm_minutes,
-    query_partition,
-    request_problems,
-)
+from emae.launch.signals import Interrupted
+from emae.launch.slurm import fit_resources, gres_gpus, never_resolves, parse_slurm_minutes, query_partition, request_problems
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -88,7 +74,7 @@ def test_yaml_launcher_section_and_overrides(tmp_path: Path) -> None:
     "text, expected",
     [
         ("launcher:\n  kind: pbs\n", ["launcher.yaml: launcher", "kind", "'pbs'", "local"]),
-        ("launcher:\n  resources: {gpus: 2}\n", ["resources.gpus", "unknown key"]),
+        ("launcher:\n  resources: {gpus: 2}\n", ["launcher.resources.gpus is not a known key"]),
         ("launcher:\n  stages: {pretrain: {time_min: -5}}\n", ["stages.pretrain.time_min", "-5"]),
         ("- 1\n- 2\n", ["expected a mapping"]),
     ],
@@ -107,7 +93,6 @@ def test_bad_override() -> None:
         load_launcher_config(None, ["kind"])
     with pytest.raises(ConfigError, match="nodes"):
         load_launcher_config(None, ["resources.nodes=zero"])
-    assert apply_overrides({"a": {"b": 1}}, ["a.c=[1, 2]"]) == {"a": {"b": 1, "c": [1, 2]}}
 
 
 def test_cli_needs_double_dash() -> None:
@@ -123,10 +108,12 @@ def test_call_entry_exit_codes() -> None:
     assert call_entry(SELFTEST, ["fail", "4"]) == 4
     assert call_entry("emae.cli:main", ["--version"]) == 0  # argparse's SystemExit(0)
     assert call_entry("emae.cli:main", ["no-such-command"]) == 2
+    assert call_entry("emae", ["--version"]) == 0  # the default: the emae program, `python -m emae`
 
 
 def test_local_command_uses_torchrun_for_several_tasks() -> None:
-    assert local_command(["x"], nproc=1)[1:] == ["-m", "emae.launch._entry", "emae.cli:main", "x"]
+    assert local_command(["x"], nproc=1)[1:] == ["-m", "emae", "x"]
+    assert local_command(["x"], entry=SELFTEST)[1:] == ["-m", "emae.launch._entry", SELFTEST, "x"]
     cmd = local_command(["x"], nproc=2)
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc-per-node=2" in cmd
 
@@ -145,7 +132,24 @@ def test_bad_settings_exit_2_with_a_clean_message(tmp_path: Path) -> None:
         [sys.executable, "-m", "emae.cli", "launch", "--stage", "t", "kind=pbs", "--", "pretrain"],
         cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("emae: error: invalid launcher settings") and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("emae: error: invalid params:\n  override 'kind=pbs': launcher.kind = 'pbs'")
+    assert "Traceback" not in proc.stderr
+
+
+def test_signal_guard_records_the_first_signal_and_interrupts_once_armed() -> None:
+    """The guard `emae launch` and `emae sweep` share: before `arm()` a signal is only recorded (and
+    `on_signal` runs once); arming raises it; a second signal during the clean-up does not."""
+    seen: list[int] = []
+    previous = signal.getsignal(signal.SIGHUP)
+    with SignalGuard(on_signal=seen.append) as guard:
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert (guard.signum, seen) == (signal.SIGHUP, [signal.SIGHUP])
+        with pytest.raises(Interrupted) as info:
+            guard.arm()
+        assert info.value.signum == signal.SIGHUP
+        os.kill(os.getpid(), signal.SIGINT)  # disarmed: recorded, not raised
+    assert signal.getsignal(signal.SIGHUP) is previous and seen == [signal.SIGHUP]
 
 
 # ---------------------------------------------------------------------------- submitit local executor
@@ -160,7 +164,7 @@ def test_submitit_local_runs_and_streams(tmp_path: Path) -> None:
 
 
 def test_submitit_local_emae_version(tmp_path: Path) -> None:
-    run = Launch(tmp_path, ["--version"], sublocal(tmp_path), entry="emae.cli:main")
+    run = Launch(tmp_path, ["--version"], sublocal(tmp_path), entry="emae")
     assert run.wait(60) == 0, run.describe()
     assert "emae " in run.stdout
 
@@ -240,25 +244,27 @@ def _fake_slurm(bin_dir: Path, squeue: str, sacct: str, **more: str) -> None:
 
 
 def test_state_probe_without_accounting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """squeue alone answers: the state, a pending job's reason and request; a job it forgot (and
+    sacct cannot tell about) is GONE. Job ids differ per test: submitit's sacct watcher is shared."""
     bin_dir = tmp_path / "bin"
     state = tmp_path / "state"
     _fake_slurm(bin_dir,
                 squeue=f'if [ -s {state} ]; then cat {state}; else echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; fi',
                 sacct='echo "sacct: error: Slurm accounting storage is disabled" >&2; exit 1')
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    probe = SlurmStateProbe()
     state.write_text("RUNNING\n")
-    assert probe("42") == "RUNNING"
+    assert job_state("41").state == "RUNNING"
+    state.write_text("PENDING|Priority|debug|1|10|4G|N/A|1:00:00\n")
+    assert job_state("41") == JobState("PENDING", "Priority", "partition debug, nodes 1, CPUs 10, memory 4G, time limit 1:00:00")
     state.write_text("")
-    assert probe("42") == GONE
-    assert probe.sacct_available is False and "disabled" in probe.sacct_error
+    assert job_state("41").state == GONE
 
 
 def test_state_probe_uses_sacct_once_squeue_forgot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bin_dir = tmp_path / "bin"
-    _fake_slurm(bin_dir, squeue="exit 0", sacct='echo "CANCELLED by 0"')
+    _fake_slurm(bin_dir, squeue="exit 0", sacct='printf "JobID|State|NodeList\\n43|CANCELLED by 0|n1\\n"')
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    assert SlurmStateProbe()("42") == "CANCELLED"
+    assert job_state("43").state == "CANCELLED"
 
 
 def test_watch_never_hangs_on_a_job_that_vanished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -283,7 +289,7 @@ def test_watch_never_hangs_on_a_job_that_vanished(tmp_path: Path, monkeypatch: p
     outcome = watch(job, config, out=out, err=err)
     assert not outcome.ok and outcome.state == GONE
     assert "no longer known" in outcome.message and "Killed" in outcome.message
-    assert "sacct unavailable" in err.getvalue()
+    assert "squeue no longer lists it and sacct has no state for it" in err.getvalue()
     assert time.monotonic() - start < 10
 
 

@@ -112,7 +112,7 @@ def test_killed_job_is_reported_failed_in_bounded_time(tmp_path: Path) -> None:
     run = Launch(tmp_path, ["die"], slurm(tmp_path))
     job_id = run.job_id()
     assert run.wait(90) == 1, run.describe()
-    assert f"job {job_id}" in run.stderr and "without a result" in run.stderr
+    assert f"job {job_id}" in run.stderr and "without writing its result" in run.stderr
     assert "dying" in run.stderr  # tail of the job's stderr
     assert run.elapsed < 60
     assert slurm_job_state(job_id) == "FAILED"  # from squeue (kept MinJobAge), else sacct

@@ -15,13 +15,13 @@ from emae.data.scan import DatasetScan, scan_imagefolder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from emae.train.common import add_config_arguments
+    from emae.config import add_config_arguments
 
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from emae.train.common import config_from_args
+    from emae.config import config_from_args
 
     data_cfg = config_from_args(args).data
     if data_cfg.kind != "imagefolder":

@@ -18,13 +18,13 @@ from emae.io import write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from emae.train.common import add_config_arguments
+    from emae.config import add_config_arguments
 
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> None:
-    from emae.train.common import config_from_args
+    from emae.config import config_from_args
 
     config = config_from_args(args)
     out = Path(args.out or config.data.root)

@@ -10,42 +10,15 @@ Imports are light (no torch, no submitit) until a job is submitted.
 
 from __future__ import annotations
 
-from emae.launch.config import LauncherConfig, ResourceOverrides, Resources, apply_overrides, load_launcher_config
+from emae.launch.config import LauncherConfig, ResourceOverrides, Resources, load_launcher_config
 from emae.launch.job import DEFAULT_ENTRY, EmaeCommand, call_entry
-from emae.launch.runner import (
-    FINAL_STATES,
-    LaunchError,
-    Outcome,
-    cancel,
-    launch,
-    local_command,
-    make_executor,
-    precheck,
-    run_local,
-    slurm_job_state,
-    submit,
-    watch,
-)
+from emae.launch.runner import (LaunchError, Outcome, cancel, checkout_env, launch, local_command,
+                                make_executor, precheck, run_local, submit, submitting, watch)
+from emae.launch.signals import Interrupted, SignalGuard
+from emae.launch.slurm import FINAL_STATES, GONE, JobState, job_state, slurm_job_state
 
-__all__ = [
-    "DEFAULT_ENTRY",
-    "FINAL_STATES",
-    "EmaeCommand",
-    "LaunchError",
-    "LauncherConfig",
-    "Outcome",
-    "ResourceOverrides",
-    "Resources",
-    "apply_overrides",
-    "call_entry",
-    "cancel",
-    "launch",
-    "load_launcher_config",
-    "local_command",
-    "make_executor",
-    "precheck",
-    "run_local",
-    "slurm_job_state",
-    "submit",
-    "watch",
-]
+
+__all__ = ["DEFAULT_ENTRY", "FINAL_STATES", "GONE", "EmaeCommand", "Interrupted", "JobState", "LaunchError",
+           "LauncherConfig", "Outcome", "ResourceOverrides", "Resources", "SignalGuard", "call_entry", "cancel",
+           "checkout_env", "job_state", "launch", "load_launcher_config", "local_command", "make_executor",
+           "precheck", "run_local", "slurm_job_state", "submit", "submitting", "watch"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from emae.errors import ConfigError
@@ -38,9 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stage name: picks `stages.NAME` resource overrides, names the job and its log folder")
     parser.add_argument("--launcher-params", metavar="FILE", default=None,
                         help=f"YAML launcher settings (default: {DEFAULT_PARAMS} when it exists, else run locally)")
-    parser.add_argument("--entry", default=DEFAULT_ENTRY, metavar="MODULE:FUNCTION",
-                        help="function run with the command line (default: %(default)s; "
-                        "emae.launch.selftest:main checks a cluster set-up)")
+    parser.add_argument("--entry", default=DEFAULT_ENTRY, metavar="MODULE[:FUNCTION]",
+                        help="what runs the command line: a module run as `python -m MODULE` (default: "
+                        "%(default)s) or a function; emae.launch.selftest:main checks a cluster set-up")
     parser.add_argument("--no-precheck", action="store_true",
                         help="submit without first checking the request against the partition's nodes "
                         "(same as precheck=false; a job SLURM can never start is still cancelled)")
@@ -65,30 +66,29 @@ def split_rest(rest: list[str]) -> tuple[list[str], list[str]]:
     return overrides, argv
 
 
-def run(args: argparse.Namespace) -> int:
+def launch_stage(stage: str, argv: Sequence[str], launcher_params: str | Path | None = None,
+                 overrides: Sequence[str] = (), entry: str = DEFAULT_ENTRY, dry_run: bool = False) -> int:
+    """`emae launch --stage STAGE [--launcher-params FILE] [overrides] -- ARGV` (also `emae stage`'s)."""
     from emae.launch.config import load_launcher_config
 
-    overrides, argv = split_rest(list(args.rest))
-    if args.no_precheck:
-        overrides.append("precheck=false")
-    source = args.launcher_params
-    if source is None and DEFAULT_PARAMS.is_file():
-        source = DEFAULT_PARAMS
-    config = load_launcher_config(source, overrides)
-    if args.dry_run:
-        import yaml
+    if launcher_params is None and DEFAULT_PARAMS.is_file():
+        launcher_params = DEFAULT_PARAMS
+    config = load_launcher_config(launcher_params, overrides)
+    if dry_run:
+        from emae.config import dump_yaml
 
-        resolved = {
-            "launcher": config.model_dump(exclude={"resources", "stages"}),
-            "stage": args.stage,
-            "resources": config.for_stage(args.stage).model_dump(),
-            "command": argv,
-            "entry": args.entry,
-        }
-        yaml.safe_dump(resolved, sys.stdout, sort_keys=False)
+        sys.stdout.write(dump_yaml({"launcher": config.model_dump(exclude={"resources", "stages"}),
+                                    "stage": stage, "resources": config.for_stage(stage).model_dump(),
+                                    "command": list(argv), "entry": entry}))
         return 0
     if not argv:
         raise ConfigError("no command after `--` (e.g. `-- pretrain --params params --out runs/emae`)")
     from emae.launch.runner import launch
 
-    return launch(argv, stage=args.stage, config=config, entry=args.entry)
+    return launch(argv, stage=stage, config=config, entry=entry)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides, argv = split_rest(list(args.rest))
+    return launch_stage(args.stage, argv, args.launcher_params,
+                        [*overrides, *(["precheck=false"] if args.no_precheck else [])], args.entry, args.dry_run)

@@ -1,10 +1,7 @@
 """Typed launcher settings: where a stage runs (locally, or as a SLURM job through submitit) and with
-which resources.
-
-Loadable from a plain dict, from a YAML file (either the bare mapping or a top-level ``launcher:``
-section, as in ``params/launcher.yaml``) and from ``key=value`` command-line overrides with dotted keys
-(``kind=slurm``, ``resources.partition=gpu``, ``stages.pretrain.gpus_per_node=4``). Invalid input raises
-:class:`emae.errors.ConfigError` naming the file, the key, the value and what is allowed.
+which resources. The `launcher:` section of the params tree (params/launcher.yaml), read by
+emae.config's one loader; ``key=value`` overrides may leave out the ``launcher.`` prefix
+(``kind=slurm``, ``resources.partition=gpu``, ``stages.pretrain.gpus_per_node=4``).
 
 Example (``params/launcher.yaml``)::
 
@@ -24,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -35,12 +32,13 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     PrivateAttr,
-    ValidationError,
+    create_model,
 )
 
-from emae.errors import ConfigError
+from emae.config import _merge, merge_overrides, read_yaml, source_of, validate_section
 
 SbatchValue = Union[bool, int, float, str]
+DEFAULTS = "launcher defaults"  # where a setting nobody set comes from, in messages
 
 
 class Resources(BaseModel):
@@ -59,6 +57,10 @@ class Resources(BaseModel):
     tasks_per_node: PositiveInt = Field(1, description="processes per node (one per GPU for DDP)")
     cpus_per_task: PositiveInt = Field(1, description="sbatch --cpus-per-task")
     mem_gb: PositiveFloat | None = Field(None, description="sbatch --mem (per node); unset: cluster default")
+    gpu_type: str | None = Field(
+        None, description="the GPU model of the nodes (H100, A100-80GB, ...: emae.workflow.plan.GPUS): `emae plan` "
+        "sizes throughput and memory by it and the pipeline refuses a stage that cannot fit it; not passed to "
+        "sbatch (ask for the model with additional_parameters, e.g. {constraint: h100} or {gres: 'gpu:h100:1'})")
     additional_parameters: dict[str, SbatchValue] = Field(
         default_factory=dict,
         description="extra sbatch options, e.g. {constraint: a100, exclusive: true, mail-type: END}",
@@ -69,23 +71,12 @@ class Resources(BaseModel):
     )
 
 
-class ResourceOverrides(BaseModel):
-    """Per-stage changes to :class:`Resources`: unset fields inherit. ``additional_parameters`` is
-    merged key by key (the stage wins); ``setup`` lines are appended to the common ones."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time_min: PositiveInt | None = None
-    nodes: PositiveInt | None = None
-    gpus_per_node: NonNegativeInt | None = None
-    tasks_per_node: PositiveInt | None = None
-    cpus_per_task: PositiveInt | None = None
-    mem_gb: PositiveFloat | None = None
-    additional_parameters: dict[str, SbatchValue] | None = None
-    setup: list[str] | None = None
+# Per-stage changes to Resources: the same keys and checks, every one optional (unset: inherited).
+# `additional_parameters` is merged key by key (the stage wins); `setup` lines are appended.
+ResourceOverrides = create_model(
+    "ResourceOverrides", __config__=ConfigDict(extra="forbid"),
+    **{name: ((Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation) | None, None)
+       for name, field in Resources.model_fields.items()})
 
 
 class LauncherConfig(BaseModel):
@@ -129,24 +120,13 @@ class LauncherConfig(BaseModel):
         "(PartitionConfig, PartitionNodeLimit, PartitionTimeLimit, BadConstraints, ...)"
     )
     resources: Resources = Field(default_factory=Resources)
-    stages: dict[str, ResourceOverrides] = Field(default_factory=dict)
-    # Where each setting came from, for messages: "launcher.<dotted key>" -> file or override (the
-    # keys of emae.config's origin map); keys not in it come from `_source`. Set by the loader.
+    stages: dict[str, ResourceOverrides] = Field(default_factory=dict)  # type: ignore[valid-type]
+    # "launcher.<dotted key>" -> the file or override that set it (emae.config's origin map)
     _origin: dict[str, str] = PrivateAttr(default_factory=dict)
-    _source: str = PrivateAttr("launcher defaults")
-
-    def set_origin(self, source: str, origin: Mapping[str, str] | None = None) -> "LauncherConfig":
-        self._source, self._origin = source, dict(origin or {})
-        return self
 
     def origin_of(self, key: str) -> str:
-        """The file or override that set `key` (``launcher.stages.pretrain.cpus_per_task``), or a
-        mapping above it (an override ``stages.pretrain={cpus_per_task: 10}``)."""
-        while key:
-            if key in self._origin:
-                return self._origin[key]
-            key = key.rpartition(".")[0]
-        return self._source
+        """The file or override that set `key` (``launcher.stages.pretrain.cpus_per_task``)."""
+        return source_of(key, self._origin, DEFAULTS)
 
     def key_of(self, stage: str | None, name: str) -> str:
         """The dotted key that decides resource `name` of `stage`: its stage override, when set,
@@ -170,100 +150,22 @@ class LauncherConfig(BaseModel):
         return Resources.model_validate({**base.model_dump(), **changes})
 
 
-# ------------------------------------------------------------------------------------------ loading
+def load_launcher_config(source: str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = (),
+                         *, name: str = "params: launcher") -> LauncherConfig:
+    """The launcher settings of `source` with `overrides` on top, validated by emae.config.
 
-
-def _format_errors(err: ValidationError, source: str, prefix: str) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join([prefix, *map(str, e["loc"])]) if prefix else ".".join(map(str, e["loc"]))
-        value = e.get("input")
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: {key}: unknown key (value {value!r})")
-        elif e["type"] == "missing":
-            lines.append(f"{source}: {key}: missing")
-        else:
-            lines.append(f"{source}: {key}: {e['msg']} (got {value!r})")
-    return "invalid launcher settings:\n  " + "\n  ".join(lines)
-
-
-def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
-    """``["kind=slurm", "stages.pretrain.gpus_per_node=2"]`` -> ``[(["kind"], "slurm"), ...]``.
-    Values are read as params files read them (emae.config: ``2`` is an int, ``null`` is None,
-    ``{a: 1}`` a mapping); a leading ``launcher.`` is allowed and dropped."""
-    from emae.config import split_override
-
-    parsed = []
-    for item in overrides:
-        path, value = split_override(item, example="kind=slurm, resources.partition=gpu")
-        if path[0] == "launcher" and len(path) > 1:
-            path = path[1:]
-        parsed.append((path, value))
-    return parsed
-
-
-def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """A deep copy of `data` with the dotted ``key=value`` overrides set."""
-    import copy
-
-    from emae.config import set_dotted
-
-    out: dict[str, Any] = copy.deepcopy(dict(data))
-    for item, (path, value) in zip(overrides, parse_overrides(overrides)):
-        set_dotted(out, path, value, item)
-    return out
-
-
-def load_launcher_config(
-    source: str | Path | Mapping[str, Any] | None = None,
-    overrides: Sequence[str] = (),
-    *,
-    name: str | None = None,
-) -> LauncherConfig:
-    """Build a :class:`LauncherConfig`.
-
-    `source`: a YAML file path (its ``launcher:`` section when it has one, else the whole mapping), a
-    mapping (a plain dict, e.g. ``params["launcher"]``), or None for the defaults (``kind: local``).
-    `overrides`: dotted ``key=value`` strings applied on top. `name`: how to call the source in error
-    messages (defaults to the file path, or ``launcher``).
+    `source`: a YAML file (its ``launcher:`` section when it has one, else the whole mapping), a
+    mapping (``config.extra["launcher"]``, called `name` in messages), or None for the defaults.
     """
-    import yaml
-
-    from emae.config import load_yaml
-
-    data: Any
-    if source is None:
-        data, where = {}, name or "launcher defaults"
-    elif isinstance(source, Mapping):
-        data, where = dict(source), name or "launcher"
-    else:
-        path = Path(source)
-        where = name or str(path)
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise ConfigError(f"{where}: cannot read the launcher settings: {err.strerror or err}") from None
-        try:
-            data = load_yaml(text, where)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{where}: not valid YAML: {err}") from None
-        if data is None:
-            data = {}
-        if isinstance(data, Mapping) and isinstance(data.get("launcher"), Mapping):
-            data = dict(data["launcher"])
-            where = f"{where}: launcher"
-        elif isinstance(data, Mapping) and "launcher" in data and data["launcher"] is None:
-            data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of launcher settings, got {type(data).__name__} {data!r}")
-    source = where
-    if overrides:
-        data = apply_overrides(data, overrides)
-        where = f"{where} (with overrides {' '.join(overrides)})"
-    try:
-        config = LauncherConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, where, "")) from None
-    origin = {"launcher." + ".".join(path): f"override {item!r}"
-              for item, (path, _) in zip(overrides, parse_overrides(overrides))}
-    return config.set_origin(source.removesuffix(": launcher"), origin)
+    tree: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if isinstance(source, Mapping):
+        _merge(tree, {"launcher": dict(source)}, origin, name)
+    elif source is not None:
+        data = read_yaml(Path(source))
+        _merge(tree, {"launcher": data.get("launcher", data)}, origin, str(source))
+    tree["launcher"] = tree.get("launcher") or {}  # `launcher:` with nothing under it
+    merge_overrides(tree, origin, overrides, section="launcher")
+    config = validate_section(LauncherConfig, tree, "launcher", origin)
+    config._origin = origin
+    return config

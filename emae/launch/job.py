@@ -1,35 +1,47 @@
-"""What runs inside a job: an emae command line, executed in-process (``emae.cli.main(argv)``).
+"""What runs inside a job: an emae command line, in-process.
 
 :class:`EmaeCommand` is the callable that submitit pickles. It is checkpointable: on a time-out or a
 preemption submitit calls :meth:`EmaeCommand.checkpoint`, which resubmits the same command line; emae
 commands that train resume from their last checkpoint when rerun with the same ``--out``, so a
 requeued job carries on where it stopped.
+
+An entry is what runs the command line: ``MODULE`` runs it as ``python -m MODULE ARGS`` would (the
+default, ``emae``: the emae program, which the launcher runs as Snakemake and DVC do, without
+importing the CLI layer), ``MODULE:FUNCTION`` calls ``FUNCTION(ARGS)`` (selftest, sweep workers).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import runpy
 import sys
 from collections.abc import Sequence
 from typing import Any, Callable
 
-DEFAULT_ENTRY = "emae.cli:main"
+DEFAULT_ENTRY = "emae"
 # How srun starts a job's tasks: a task that exits non-zero ends the job step, so the other ranks
 # of a distributed run never wait for it in a collective until the NCCL timeout.
 SRUN_ARGS = ("--kill-on-bad-exit=1",)
 
 
 def resolve_entry(entry: str) -> Callable[[list[str]], Any]:
-    """``"package.module:function"`` -> the function (called with the argv list)."""
+    """``"package.module:function"`` -> the function; ``"package"`` -> a call running it as a program."""
     module_name, sep, func_name = entry.partition(":")
-    if not sep or not module_name or not func_name:
-        raise ValueError(f"entry {entry!r}: expected 'package.module:function'")
+    if not module_name or (sep and not func_name):
+        raise ValueError(f"entry {entry!r}: expected 'package.module:function' or a module to run")
+    if not sep:
+        return lambda argv: _run_program(module_name, argv)
     module = importlib.import_module(module_name)
     try:
         return getattr(module, func_name)
     except AttributeError:
         raise ValueError(f"entry {entry!r}: {module_name} has no {func_name}") from None
+
+
+def _run_program(module: str, argv: list[str]) -> None:
+    sys.argv = [module, *argv]  # runpy puts the module's file first, as `python -m` does
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 # Set (in this process only, never pickled) when submitit's signal handler has called
@@ -39,7 +51,7 @@ _REQUEUEING = False
 
 
 def call_entry(entry: str, argv: Sequence[str]) -> int:
-    """Call the entry function with `argv`; its return value or ``SystemExit`` becomes an exit code."""
+    """Call the entry with `argv`; its return value or ``SystemExit`` becomes an exit code."""
     func = resolve_entry(entry)
     try:
         code = func(list(argv))
@@ -54,16 +66,14 @@ def exit_code(code: Any) -> int:
     """An entry function's return value / ``SystemExit.code`` -> an int exit status."""
     if code is None:
         return 0
-    if isinstance(code, bool):
+    if isinstance(code, int):  # bool included: True is 1
         return int(code)
-    if isinstance(code, int):
-        return code
     print(code, file=sys.stderr)  # sys.exit("message") convention
     return 1
 
 
 class EmaeCommand:
-    """A checkpointable submitit callable running ``entry(argv)`` (by default ``emae.cli.main``).
+    """A checkpointable submitit callable running `argv` with `entry` (by default the emae program).
 
     In a multi-task job (``tasks_per_node`` x ``nodes`` > 1) every task first exports the
     torch.distributed env:// variables (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK,
@@ -104,8 +114,7 @@ class EmaeCommand:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
     def describe(self) -> str:
-        prog = "emae" if self.entry == DEFAULT_ENTRY else self.entry
-        return " ".join([prog, *self.argv])
+        return " ".join([self.entry, *self.argv])
 
     def __repr__(self) -> str:
         return f"EmaeCommand({self.argv!r}, entry={self.entry!r})"

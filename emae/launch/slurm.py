@@ -1,4 +1,11 @@
-"""What a SLURM partition offers, whether a request fits it, and which pending reasons never resolve.
+"""What SLURM says about a job and a partition: a job's state (squeue first), whether a request fits
+its partition, and which pending reasons never resolve.
+
+submitit learns a job's state from ``sacct`` only; on a cluster without accounting that never
+answers, and a job that died without writing its result would be waited on forever.
+:func:`job_state` asks ``squeue`` first (real time, no accounting needed, keeps finished jobs for
+MinJobAge; it also gives a pending job's reason), then submitit's sacct watcher once squeue forgot
+the job.
 
 SLURM accepts a job that no node of its partition can ever run (more CPUs per node than any node
 has, more nodes than the partition has) and keeps it pending forever (``PD (PartitionConfig)``).
@@ -36,6 +43,13 @@ NEVER_RESOLVING_REASONS = {
     "InvalidAccount": "its account is not valid",
     "InvalidQOS": "its QOS is not valid",
 }
+# SLURM job states (squeue %T / sacct State) after which nothing runs any more.
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                          "BOOT_FAIL", "DEADLINE", "REVOKED"})
+GONE = "GONE"  # neither squeue nor sacct knows the job (any more)
+# state | reason | what it asks for: partition, nodes, CPUs, memory, gres per node, time limit
+SQUEUE_FORMAT = "%T|%r|%P|%D|%C|%m|%b|%l"
+
 # Per-job QOS/association limits (QOSMaxCpuPerJobLimit, AssocMaxNodesPerJobLimit, QOSMinGRES, ...):
 # the job itself is over them. Per-user/group limits (QOSMaxCpuPerUserLimit) lift as jobs end.
 _PER_JOB_LIMIT = re.compile(r"^(QOS|Assoc)\w*PerJob\w*$|^QOSMin\w+$")
@@ -47,6 +61,48 @@ def slurm_query(cmd: list[str], timeout: float = 30.0) -> subprocess.CompletedPr
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
+
+
+@dataclass(frozen=True)
+class JobState:
+    """`state`: squeue's or sacct's name (PENDING, RUNNING, COMPLETED, ...), :data:`GONE`, or None
+    when SLURM could not be asked; `reason`: squeue's pending reason; `request`: what the job
+    asked for, in squeue's words (``partition debug, nodes 1, CPUs 10, ...``)."""
+
+    state: str | None
+    reason: str = ""
+    request: str = ""
+
+
+def job_state(job_id: str) -> JobState:
+    """SLURM job `job_id` as squeue sees it, else as sacct does (through submitit's watcher)."""
+    found = _squeue(job_id)
+    if found.state in (None, GONE):
+        from submitit import SlurmJob
+
+        accounted = SlurmJob.watcher.get_state(job_id, mode="force").split()[0].upper()  # "CANCELLED by 0"
+        if accounted != "UNKNOWN":
+            return JobState(accounted)
+    return found
+
+
+def slurm_job_state(job_id: str) -> str | None:
+    """The state name of SLURM job `job_id` alone (see JobState)."""
+    return job_state(str(job_id)).state
+
+
+def _squeue(job_id: str) -> JobState:
+    proc = slurm_query(["squeue", "-h", "-j", job_id, "--states=all", "-o", SQUEUE_FORMAT])
+    if proc is None or proc.returncode != 0:
+        forgot = proc is not None and "invalid job id" in (proc.stderr or "").lower()
+        return JobState(GONE if forgot else None)
+    lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+    if not lines:
+        return JobState(GONE)
+    state, *rest = lines[0].split("|")
+    names = ("partition ", "nodes ", "CPUs ", "memory ", "", "time limit ")
+    request = ", ".join(f"{n}{v}" for n, v in zip(names, rest[1:]) if v and v != "N/A")
+    return JobState(state.split()[0].upper(), rest[0].strip() if rest else "", request)
 
 
 def never_resolves(reason: str) -> str | None:

@@ -1,32 +1,16 @@
-"""What every stage command shares: params arguments, devices, autocast."""
+"""What the training loops share: devices, determinism, autocast, optimizer steps, loss sums."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 from pathlib import Path
 
 import torch
 
-from emae.config import Config, load_config
+from emae.config import add_config_arguments, config_from_args  # noqa: F401 -- the loops import them here
 from emae.errors import NonFiniteLossError
 from emae.train import distributed
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, out_required: bool = False) -> None:
-    parser.add_argument("--params", "-p", action="append", default=None, metavar="PATH",
-                        help="params file or directory (repeatable, later wins; default: params/)")
-    parser.add_argument("--preset", default=None,
-                        help="overlay params/presets/<PRESET>.yaml (e.g. cifar10, imagenet_vit_b16)")
-    parser.add_argument("--out", "-o", required=out_required, default=None, metavar="DIR",
-                        help="output folder")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="override params, e.g. model.num_parts=4 pretrain.epochs=2")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.params or ["params"], args.overrides, args.preset)
 
 
 def default_device() -> torch.device:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ast
 import hashlib
 from collections.abc import Iterable
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 
 PACKAGE = "emae"
@@ -110,17 +110,26 @@ def _with_parents(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
+@cache
+def command_modules(cli: Path = PACKAGE_DIR / "cli.py") -> dict[str, str]:
+    """emae.cli's COMMANDS table (command -> module), read from its source as imports are: the
+    closure reads code, it does not run it (and emae.cli is the layer above)."""
+    tree = ast.parse(cli.read_bytes())
+    table = next(node.value for node in tree.body if isinstance(node, ast.AnnAssign)
+                 and getattr(node.target, "id", "") == "COMMANDS")
+    return {name: module for name, (module, _) in ast.literal_eval(table).items()}
+
+
 def entry_modules(command: str, sections: Iterable[str] = ()) -> list[str]:
     """Where a pipeline job's code starts: `python -m emae.cli stage ...` (the command both DAGs
-    run), `emae launch`, the module the launcher runs a command with, the job's own `emae COMMAND`
-    module, and the modules that validate the params sections the job reads."""
-    from emae.cli import COMMANDS  # the command table (read here; emae.cli is the layer above)
+    run), `emae launch`, what the launcher runs the command line with (`python -m emae`), the job's
+    own `emae COMMAND` module, and the modules that validate the params sections it reads."""
     from emae.config import SECTION_MODELS
-    from emae.launch.runner import local_command
+    from emae.launch.job import DEFAULT_ENTRY
 
-    if command not in COMMANDS:
-        raise ValueError(f"unknown emae command {command!r}; commands: {', '.join(COMMANDS)}")
-    # [python, -m, emae.launch._entry, emae.cli:main, ...]: the launcher's own entry points
-    launched = [arg.split(":")[0] for arg in local_command(["-"])[1:] if arg.startswith(f"{PACKAGE}.")]
+    commands = command_modules()
+    if command not in commands:
+        raise ValueError(f"unknown emae command {command!r}; commands: {', '.join(commands)}")
     validators = [SECTION_MODELS[s].split(":")[0] for s in sections if s in SECTION_MODELS]
-    return ["emae.cli", *(COMMANDS[c][0] for c in ("stage", "launch", command)), *launched, *validators]
+    return [f"{PACKAGE}.cli", *(commands[c] for c in ("stage", "launch", command)), f"{DEFAULT_ENTRY}.__main__",
+            *validators]

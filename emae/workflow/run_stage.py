@@ -49,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
     print("emae " + shlex.join(argv), file=sys.stderr if not args.print_only else sys.stdout, flush=True)
     if args.print_only:
         return 0
-    from emae.cli import main
+    from emae.launch.cli import launch_stage
 
-    return main(argv)
+    return launch_stage(job.stage, job.argv, args.launcher_params, args.launcher)
 
 
 def _batch_line(pipeline, stage: str, run, launcher_overrides: list[str]) -> str | None:
