@@ -169,7 +169,7 @@ class Config(Section):
                 f"model.patch_size={self.model.patch_size} does not divide data.image_size="
                 f"{self.data.image_size}"
             )
-        num_patches = (self.data.image_size // self.model.patch_size) ** 2
+        num_patches = self.num_patches
         if num_visible(num_patches, self.model.mask_ratio) < 1:
             raise ValueError(
                 f"model.mask_ratio={self.model.mask_ratio} leaves no visible patch of the {num_patches} "

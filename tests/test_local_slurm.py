@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest_slurm import Launch, slurm_has_accounting, slurm_is_up, wait_until
-from emae.launch import slurm_job_state
+from emae.launch import job_state
 
 UP, WHY = slurm_is_up()
 pytestmark = [
@@ -115,7 +115,7 @@ def test_killed_job_is_reported_failed_in_bounded_time(tmp_path: Path) -> None:
     assert f"job {job_id}" in run.stderr and "without writing its result" in run.stderr
     assert "dying" in run.stderr  # tail of the job's stderr
     assert run.elapsed < 60
-    assert slurm_job_state(job_id) == "FAILED"  # from squeue (kept MinJobAge), else sacct
+    assert job_state(job_id).state == "FAILED"  # from squeue (kept MinJobAge), else sacct
     sacct = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True)
     if ACCOUNTING:
         wait_until(lambda: subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"],

@@ -17,7 +17,7 @@ import yaml
 
 from conftest import cli_env
 from conftest_slurm import Launch, slurm_is_up
-from emae.launch import load_launcher_config, precheck, slurm_job_state
+from emae.launch import job_state, load_launcher_config, precheck
 from emae.launch.slurm import Request, gres_gpus, query_partition
 
 UP, WHY = slurm_is_up()
@@ -108,4 +108,4 @@ def test_impossible_request_past_the_precheck_is_cancelled(tmp_path: Path, reque
     assert (f"emae launch: error: stage 't': job {job_id} (stage 't') can never start: SLURM keeps it pending "
             f"with reason {reason} (") in run.stderr
     assert "It asked for: partition debug" in run.stderr
-    assert slurm_job_state(job_id) == "CANCELLED"
+    assert job_state(job_id).state == "CANCELLED"

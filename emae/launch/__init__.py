@@ -15,10 +15,10 @@ from emae.launch.job import DEFAULT_ENTRY, EmaeCommand, call_entry
 from emae.launch.runner import (LaunchError, Outcome, cancel, checkout_env, launch, local_command,
                                 make_executor, precheck, run_local, submit, submitting, watch)
 from emae.launch.signals import Interrupted, SignalGuard
-from emae.launch.slurm import FINAL_STATES, GONE, JobState, job_state, slurm_job_state
+from emae.launch.slurm import FINAL_STATES, GONE, JobState, job_state
 
 
 __all__ = ["DEFAULT_ENTRY", "FINAL_STATES", "GONE", "EmaeCommand", "Interrupted", "JobState", "LaunchError",
            "LauncherConfig", "Outcome", "ResourceOverrides", "Resources", "SignalGuard", "call_entry", "cancel",
            "checkout_env", "job_state", "launch", "load_launcher_config", "local_command", "make_executor",
-           "precheck", "run_local", "slurm_job_state", "submit", "submitting", "watch"]
+           "precheck", "run_local", "submit", "submitting", "watch"]

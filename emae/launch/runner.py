@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 from emae.errors import ConfigError, EmaeError
 from emae.launch import slurm
@@ -165,41 +165,51 @@ def submit(argv: Sequence[str], *, stage: str, config: LauncherConfig, entry: st
 # ----------------------------------------------------------------------------------------- watch
 
 
+@dataclass
+class _Followed:
+    """A log file being copied to `stream`: how far it was read, and its incomplete last line."""
+
+    path: Path
+    stream: IO[str]
+    prefix: str
+    offset: int = 0
+    partial: bytes = b""
+
+
 class LogStreamer:
     """Follows the job's per-task stdout/stderr files and copies complete lines to `out` / `err`
     (prefixed ``[task k]`` when the job has several tasks)."""
 
     def __init__(self, job: Any, out: IO[str], err: IO[str]) -> None:
-        self._files: list[list[Any]] = []  # [path, stream, prefix, bytes read, incomplete last line]
+        self._files = []
         for k in range(job.num_tasks):
             paths, prefix = job.task(k).paths, f"[task {k}] " if job.num_tasks > 1 else ""
-            self._files += [[paths.stdout, out, prefix, 0, b""], [paths.stderr, err, prefix, 0, b""]]
+            self._files += [_Followed(paths.stdout, out, prefix), _Followed(paths.stderr, err, prefix)]
 
     def pump(self, final: bool = False) -> None:
-        for entry in self._files:
-            path, stream, prefix, offset, partial = entry
+        """Copy what was added since the last call; `final`: the incomplete last lines too."""
+        for log in self._files:
             try:
-                with open(path, "rb") as f:
-                    f.seek(offset)
+                with open(log.path, "rb") as f:
+                    f.seek(log.offset)
                     data = f.read()
             except OSError:
                 continue
-            entry[3] = offset + len(data)
-            data = partial + data
+            log.offset += len(data)
+            data = log.partial + data
             # progress bars (tqdm) redraw with \r: each redraw becomes a line of the log; a trailing
             # \r may be the first half of \r\n
             keep = b"\r" if data.endswith(b"\r") and not final else b""
             *lines, rest = data[:len(data) - len(keep)].replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
             if final and rest:
                 lines.append(rest)
-            entry[4] = b"" if final else rest + keep
-            text = "".join(f"{prefix}{line.decode('utf-8', errors='replace')}\n" for line in lines)
-            if text:
-                try:
-                    stream.write(text)
-                    stream.flush()
-                except (OSError, ValueError):
-                    pass
+            log.partial = b"" if final else rest + keep
+            text = "".join(f"{log.prefix}{line.decode('utf-8', errors='replace')}\n" for line in lines)
+            try:
+                log.stream.write(text)
+                log.stream.flush()
+            except (OSError, ValueError):  # our own output is gone (a closed pipe): keep following the job
+                pass
 
 
 def _has_results(job: Any) -> bool:
@@ -207,13 +217,14 @@ def _has_results(job: Any) -> bool:
 
 
 def _stderr_tails(job: Any, lines: int = 30) -> str:
+    """The last `lines` of each task's stderr (its stdout when stderr is empty), for a failure."""
     parts = []
     for k in range(job.num_tasks):
         task = job.task(k)
-        text = "\n".join(((task.stderr() or task.stdout() or "").splitlines())[-lines:])
+        text = "\n".join((task.stderr() or task.stdout() or "").splitlines()[-lines:])
         if text:
-            parts.append(f"--- {'task %d: ' % k if job.num_tasks > 1 else ''}{task.paths.stderr} "
-                         f"(last {lines} lines) ---\n{text}")
+            which = f"task {k}: " if job.num_tasks > 1 else ""
+            parts.append(f"--- {which}{task.paths.stderr} (last {lines} lines) ---\n{text}")
     return "\n".join(parts) or f"(no log output; see {job.paths.folder})"
 
 
@@ -283,34 +294,43 @@ def watch(job: Any, config: LauncherConfig, *, out: IO[str] | None = None, err: 
         elif state is not None and state != last:
             say(state)
         last = state or last
-        if state is None or state == GONE or state in FINAL_STATES or not (on_slurm or state == "RUNNING"):
-            trouble_since = trouble_since or now
-        else:
+        if state is not None and not _ended(state, on_slurm):
             seen_active, trouble_since = True, None
             continue
-        if state is None:
-            limit, why = config.unknown_state_timeout_s, (
-                f"SLURM could not be asked about it for {config.unknown_state_timeout_s:g}s; giving up "
-                "(it may still be running: check squeue / scancel it)")
-        elif state == GONE:
-            limit = config.result_grace_s if seen_active else config.unknown_state_timeout_s
-            why = "is no longer known to SLURM (squeue/sacct) and left no result: it died"
-            if not told_gone:
-                told_gone = True
-                say(f"squeue no longer lists it and sacct has no state for it (no accounting?); waiting "
-                    f"{limit:g}s for its result")
-        else:
-            limit, why = config.result_grace_s, (f"ended in state {state} without writing its result "
-                                                 "(killed, crashed, out of memory or time)")
+        trouble_since = trouble_since or now
+        limit, why = _patience(state, seen_active, config)
+        if state == GONE and not told_gone:
+            told_gone = True
+            say(f"squeue no longer lists it and sacct has no state for it (no accounting?); waiting "
+                f"{limit:g}s for its result")
         if now - trouble_since > limit:
             streamer.pump(final=True)
             return Outcome(job.job_id, False, state or "UNKNOWN", 1, f"{what} {why}.\n{_stderr_tails(job)}")
-        next_check = now  # in trouble: look again at every poll
+        next_check = now  # no longer running: look again at every poll
         time.sleep(config.poll_interval_s)
 
 
-def _cancel_unschedulable(job: Any, found: slurm.JobState, never: str, what: str, say: Any,
-                          err: IO[str]) -> Outcome:
+def _ended(state: str, on_slurm: bool) -> bool:
+    """Whether the job runs no more: a final SLURM state or GONE; locally, its controller exited."""
+    return (state in FINAL_STATES or state == GONE) if on_slurm else state != "RUNNING"
+
+
+def _patience(state: str | None, seen_active: bool, config: LauncherConfig) -> tuple[float, str]:
+    """How long a job in `state` (None: SLURM cannot be asked) is waited on for its result, and why
+    it failed when that is over."""
+    if state is None:
+        return config.unknown_state_timeout_s, (f"is unknown: SLURM could not be asked about it for "
+                                                f"{config.unknown_state_timeout_s:g}s; giving up (it may "
+                                                "still be running: check squeue / scancel it)")
+    if state == GONE:
+        return (config.result_grace_s if seen_active else config.unknown_state_timeout_s,
+                "is no longer known to SLURM (squeue/sacct) and left no result: it died")
+    return config.result_grace_s, (f"ended in state {state} without writing its result (killed, crashed, "
+                                   "out of memory or time)")
+
+
+def _cancel_unschedulable(job: Any, found: slurm.JobState, never: str, what: str,
+                          say: Callable[[str], None], err: IO[str]) -> Outcome:
     say(f"PENDING ({found.reason}): it can never start; cancelling it")
     cancel(job, err=err)
     return Outcome(job.job_id, False, "CANCELLED", 1, (
@@ -334,7 +354,7 @@ def cancel(job: Any, *, err: IO[str] | None = None, confirm_s: float = 10.0) -> 
     deadline, state = time.monotonic() + confirm_s, None
     while time.monotonic() < deadline:
         state = slurm.job_state(job.job_id).state if on_slurm else str(job.state).upper()
-        if state in FINAL_STATES or state == GONE or not (on_slurm or state == "RUNNING"):
+        if state is not None and _ended(state, on_slurm):
             break
         time.sleep(0.5)
     print(f"emae launch: cancelled {'SLURM' if on_slurm else 'local'} job {job.job_id} "

@@ -6,7 +6,8 @@
 Commands: ``echo WORDS`` (stdout and stderr), ``env`` (SLURM/CUDA/torch.distributed variables),
 ``sleep SECONDS`` (ticks every second), ``fail [CODE]``, ``raise``, ``die`` (SIGKILLs itself, like
 the OOM killer), ``attempts --file F --until N --sleep S`` (counts its runs in F and sleeps until run
-N: checks requeue/resume), ``ddp`` (gloo all-reduce across the job's tasks).
+N: checks requeue/resume), ``ddp`` (gloo all-reduce across the job's tasks). ``--pid-file`` (sleep,
+die, attempts) writes the process id first.
 """
 
 from __future__ import annotations
@@ -19,16 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-ENV_KEYS = (
-    "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_PARTITION", "SLURM_RESTART_COUNT",
-    "CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-    "SUBMITIT_EXECUTOR",
-)
-
-
-def _write_pid(path: str | None) -> None:
-    if path:
-        Path(path).write_text(f"{os.getpid()}\n")
+ENV_KEYS = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_PARTITION", "SLURM_RESTART_COUNT",
+            "CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+            "SUBMITIT_EXECUTOR")
 
 
 def _echo(args: argparse.Namespace) -> int:
@@ -40,16 +34,13 @@ def _echo(args: argparse.Namespace) -> int:
 
 def _env(args: argparse.Namespace) -> int:
     print(f"host={socket.gethostname()} pid={os.getpid()}")
-    for key in ENV_KEYS:
-        print(f"{key}={os.environ.get(key, '')}")
+    print("\n".join(f"{key}={os.environ.get(key, '')}" for key in ENV_KEYS))
     return 0
 
 
 def _sleep(args: argparse.Namespace) -> int:
-    _write_pid(args.pid_file)
     print(f"sleeping {args.seconds:g}s (pid {os.getpid()})", flush=True)
-    end = time.monotonic() + args.seconds
-    tick = 0
+    end, tick = time.monotonic() + args.seconds, 0
     while time.monotonic() < end:
         time.sleep(min(1.0, max(0.0, end - time.monotonic())))
         tick += 1
@@ -68,7 +59,6 @@ def _raise(args: argparse.Namespace) -> int:
 
 
 def _die(args: argparse.Namespace) -> int:
-    _write_pid(args.pid_file)
     print(f"about to SIGKILL myself (pid {os.getpid()})", flush=True)
     print("dying", file=sys.stderr, flush=True)
     time.sleep(args.delay)
@@ -81,13 +71,12 @@ def _attempts(args: argparse.Namespace) -> int:
     with path.open("a") as f:
         f.write(f"{os.environ.get('SLURM_JOB_ID', os.getpid())}\n")
     n = len(path.read_text().splitlines())
-    _write_pid(args.pid_file)
-    if n < args.until:
-        print(f"attempt {n}: running for {args.sleep:g}s (a requeue should interrupt me)", flush=True)
-        time.sleep(args.sleep)
-        print(f"attempt {n}: finished without being interrupted", flush=True)
+    if n >= args.until:
+        print(f"attempt {n}: done (resumed after requeue)", flush=True)
         return 0
-    print(f"attempt {n}: done (resumed after requeue)", flush=True)
+    print(f"attempt {n}: running for {args.sleep:g}s (a requeue should interrupt me)", flush=True)
+    time.sleep(args.sleep)
+    print(f"attempt {n}: finished without being interrupted", flush=True)
     return 0
 
 
@@ -96,11 +85,11 @@ def _ddp(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    value, rank = torch.ones(1), 0
     if world > 1:
         dist.init_process_group("gloo", init_method="env://")
-    rank = dist.get_rank() if world > 1 else 0
-    value = torch.ones(1) * (rank + 1)
-    if world > 1:
+        rank = dist.get_rank()
+        value *= rank + 1
         dist.all_reduce(value)
         dist.destroy_process_group()
     print(f"ddp rank {rank}/{world}: all_reduce sum = {int(value.item())}", flush=True)
@@ -110,34 +99,31 @@ def _ddp(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emae.launch.selftest", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("echo")
-    p.add_argument("words", nargs="*")
-    p.set_defaults(func=_echo)
-    sub.add_parser("env").set_defaults(func=_env)
-    p = sub.add_parser("sleep")
-    p.add_argument("seconds", type=float)
-    p.add_argument("--pid-file")
-    p.set_defaults(func=_sleep)
-    p = sub.add_parser("fail")
-    p.add_argument("code", type=int, nargs="?", default=3)
-    p.set_defaults(func=_fail)
-    sub.add_parser("raise").set_defaults(func=_raise)
-    p = sub.add_parser("die")
-    p.add_argument("--pid-file")
-    p.add_argument("--delay", type=float, default=0.5)
-    p.set_defaults(func=_die)
-    p = sub.add_parser("attempts")
-    p.add_argument("--file", required=True)
-    p.add_argument("--until", type=int, default=2)
-    p.add_argument("--sleep", type=float, default=120.0)
-    p.add_argument("--pid-file")
-    p.set_defaults(func=_attempts)
-    sub.add_parser("ddp").set_defaults(func=_ddp)
+    arguments = {  # command -> (function, its arguments as (flags, add_argument options))
+        "echo": (_echo, [(["words"], {"nargs": "*"})]),
+        "env": (_env, []),
+        "sleep": (_sleep, [(["seconds"], {"type": float})]),
+        "fail": (_fail, [(["code"], {"type": int, "nargs": "?", "default": 3})]),
+        "raise": (_raise, []),
+        "die": (_die, [(["--delay"], {"type": float, "default": 0.5})]),
+        "attempts": (_attempts, [(["--file"], {"required": True}), (["--until"], {"type": int, "default": 2}),
+                                 (["--sleep"], {"type": float, "default": 120.0})]),
+        "ddp": (_ddp, []),
+    }
+    for name, (func, options) in arguments.items():
+        command = sub.add_parser(name)
+        for flags, kwargs in options:
+            command.add_argument(*flags, **kwargs)
+        if name in ("sleep", "die", "attempts"):
+            command.add_argument("--pid-file")
+        command.set_defaults(func=func)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "pid_file", None):
+        Path(args.pid_file).write_text(f"{os.getpid()}\n")
     return int(args.func(args) or 0)
 
 

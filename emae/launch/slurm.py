@@ -32,6 +32,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("emae.launch")
 
 QUERY_TIMEOUT_S = 10.0  # the pre-check must not hold a submission up for long
+# SLURM job states (squeue %T / sacct State) after which nothing runs any more.
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                          "BOOT_FAIL", "DEADLINE", "REVOKED"})
+GONE = "GONE"  # neither squeue nor sacct knows the job (any more)
+# state | reason | what it asks for: partition, nodes, CPUs, memory, gres per node, time limit
+SQUEUE_FORMAT = "%T|%r|%P|%D|%C|%m|%b|%l"
 
 # Pending reasons (squeue %r) that no amount of waiting changes: what each means for the job.
 NEVER_RESOLVING_REASONS = {
@@ -43,13 +49,6 @@ NEVER_RESOLVING_REASONS = {
     "InvalidAccount": "its account is not valid",
     "InvalidQOS": "its QOS is not valid",
 }
-# SLURM job states (squeue %T / sacct State) after which nothing runs any more.
-FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                          "BOOT_FAIL", "DEADLINE", "REVOKED"})
-GONE = "GONE"  # neither squeue nor sacct knows the job (any more)
-# state | reason | what it asks for: partition, nodes, CPUs, memory, gres per node, time limit
-SQUEUE_FORMAT = "%T|%r|%P|%D|%C|%m|%b|%l"
-
 # Per-job QOS/association limits (QOSMaxCpuPerJobLimit, AssocMaxNodesPerJobLimit, QOSMinGRES, ...):
 # the job itself is over them. Per-user/group limits (QOSMaxCpuPerUserLimit) lift as jobs end.
 _PER_JOB_LIMIT = re.compile(r"^(QOS|Assoc)\w*PerJob\w*$|^QOSMin\w+$")
@@ -84,11 +83,6 @@ def job_state(job_id: str) -> JobState:
         if accounted != "UNKNOWN":
             return JobState(accounted)
     return found
-
-
-def slurm_job_state(job_id: str) -> str | None:
-    """The state name of SLURM job `job_id` alone (see JobState)."""
-    return job_state(str(job_id)).state
 
 
 def _squeue(job_id: str) -> JobState:
