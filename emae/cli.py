@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-dense": ("emae.dense.generate", "write the generated detection/segmentation set (COCO, ADE20K layouts)"),
     "detect": ("emae.dense.detect", "Mask R-CNN (ViTDet-style) on a pre-trained encoder: COCO box/mask AP (resumes)"),
     "segment": ("emae.dense.segment", "UperNet-style semantic segmentation on a pre-trained encoder: mIoU (resumes)"),
+    "plan": ("emae.workflow.plan", "what the pipeline will cost: FLOPs, GPU-hours, memory per GPU, requeues"),
     "stage": ("emae.workflow.run_stage", "run one pipeline job (variant x seed) through `emae launch`"),
     "report": ("emae.report.cli", "summary table (CSV, Markdown) and plots of all pipeline runs"),
     "dvc-yaml": ("emae.workflow.dvc", "write dvc.yaml from the pipeline description (or --check it)"),

@@ -54,6 +54,15 @@ def train_flops_per_image(model: ModelDims, img_size: int, in_chans: int) -> flo
     return 3 * forward_flops(model, img_size, in_chans)
 
 
+def encoder_forward_flops(model: ModelDims, img_size: int, in_chans: int) -> float:
+    """Forward FLOPs of the encoder alone on a whole image (every patch + cls, no mask): what the
+    evaluation stages (kNN, linear probe, fine-tuning, dense backbones) run per image."""
+    length = (img_size // model.patch_size) ** 2
+    pixels = model.patch_size**2 * in_chans
+    return 2 * length * pixels * model.embed_dim + model.depth * block_flops(length + 1, model.embed_dim,
+                                                                              model.mlp_ratio)
+
+
 def fit_epochs(epochs: int, warmup_epochs: float, images_per_epoch: int, flops_per_image: float,
                budget_flops: float | None = None, budget_images: int | None = None) -> tuple[int, float]:
     """(epochs, warmup_epochs) of a pre-training budget: the whole number of epochs nearest to it
