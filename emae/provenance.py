@@ -33,7 +33,10 @@ def file_digest(path: str | Path) -> str:
 
 
 def encoder_digest(path: str | Path, random_init: bool = False) -> str:
-    """What an evaluation starts from: the export's digest, or a random init of its architecture."""
+    """What an evaluation starts from: the export's digest, a random init of its architecture, or
+    the raw pixels (the baseline without an encoder)."""
+    if str(path) == "pixels":
+        return "pixels"
     return ("random-init:" if random_init else "") + file_digest(path)
 
 

@@ -159,3 +159,15 @@ def test_config_errors_name_the_key(small_root: Path) -> None:
         _config(small_root, "finetune.mixup=0.8", "finetune.batch_size=15").section("finetune")
     with pytest.raises(ConfigError, match=r"override 'finetune.layer_decay=1.5'.*finetune.layer_decay"):
         _config(small_root, "finetune.layer_decay=1.5").section("finetune")
+
+
+def test_random_init_is_training_from_scratch_with_the_same_recipe(export: Path, small_root: Path,
+                                                                   tmp_path: Path) -> None:
+    from emae.eval.finetune import build_model
+
+    config = _config(small_root, "finetune.epochs=1", "finetune.checkpoint_every_steps=100")
+    pretrained, scratch = build_model(config, export), build_model(config, export, random_init=True)
+    assert not torch.equal(pretrained.blocks[0].attn.qkv.weight, scratch.blocks[0].attn.qkv.weight)
+    metrics = finetune(config, export, tmp_path / "scratch", random_init=True)
+    saved = json.loads((tmp_path / "scratch" / "metrics.json").read_text())
+    assert metrics["random_init"] is True and saved["inputs"]["encoder"].startswith("random-init:")

@@ -175,3 +175,21 @@ def test_pooling_matches_timm_heads(export: Path, digits_root: Path) -> None:
         assert torch.allclose(pooled(token, imgs, "token"), token(imgs), atol=1e-6)
         assert torch.allclose(pooled(token, imgs, "avg"), avg(imgs), atol=1e-6)
         assert not torch.allclose(pooled(token, imgs, "avg"), token(imgs), atol=1e-3)
+
+
+def test_pixel_baseline_is_knn_and_probe_on_the_raw_pixels(digits_root: Path, tmp_path: Path) -> None:
+    from emae.data import build_dataset, eval_transform
+
+    config = _config(digits_root, "linprobe.epochs=2")
+    metrics = evaluate_knn(config, Path("pixels"), tmp_path / "knn")
+    assert metrics["feature_dim"] == 3 * 16 * 16
+    # the same vote computed here from the images themselves
+    images = {split: build_dataset(config.data, split, eval_transform(config.data)) for split in ("train", "val")}
+    feats = {s: (torch.stack([x.flatten() for x, _ in d]), torch.tensor([y for _, y in d])) for s, d in images.items()}
+    scores = knn_scores(*feats["train"], feats["val"][0], num_classes=10, k=20, temperature=0.07)
+    assert metrics["top1"] == pytest.approx(100 * (scores.argmax(1) == feats["val"][1]).float().mean().item())
+    assert metrics["top1"] > 90  # pixels are strong on the embedded digits: the bar pre-training must clear
+    saved = json.loads((tmp_path / "knn" / "metrics.json").read_text())
+    assert saved["inputs"]["encoder"] == "pixels"
+    probe = evaluate_linprobe(config, Path("pixels"), tmp_path / "probe")
+    assert probe["feature_dim"] == 3 * 16 * 16 and probe["top1"] > 50

@@ -20,12 +20,18 @@ from emae.provenance import file_digest
 RNG = np.random.default_rng(0)
 
 
-def _write_params(root: Path, seeds: list[int], **stages: bool) -> Path:
+def _write_params(root: Path, seeds: list[int], full: bool = False, **stages: bool) -> Path:
+    """The default pipeline params with `seeds`; unless `full`, only the mae and emae variants and
+    no baselines (the default also has emae_eqflops, compute_of and the baselines)."""
     params = root / "params"
     shutil.copytree(PARAMS, params)
     tree = yaml.safe_load((params / "pipeline.yaml").read_text())
     tree["pipeline"]["seeds"] = seeds
     tree["pipeline"]["stages"].update(stages)
+    if not full:
+        del tree["pipeline"]["variants"]["emae_eqflops"]
+        tree["pipeline"]["compute_of"] = {}
+        tree["pipeline"]["baselines"] = {"pixels": False, "random_init": False}
     (params / "pipeline.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
     return params
 
@@ -37,20 +43,23 @@ PROVENANCE = {"commit": "0123456789abcdef", "dirty": False, "diff_sha256": None,
 
 
 def _write_run(root: Path, variant: str, seed: int, k: int, epochs: int = 4, finetune: bool = True,
-               provenance: dict = PROVENANCE) -> dict:
-    """Stage outputs of one run, as the commands write them; returns the numbers written."""
+               provenance: dict = PROVENANCE, knn_curve: dict[int, float] | None = None,
+               **fixed: float) -> dict:
+    """Stage outputs of one run, as the commands write them; returns the numbers written (random
+    unless given in `fixed`; the kNN monitor every 2 epochs at 10 x epoch unless `knn_curve`)."""
     run_dir = root / "runs" / variant / f"seed{seed}"
     run_dir.mkdir(parents=True)
     numbers = {"pretrain_seconds": float(RNG.uniform(10, 20)), "knn_top1": float(RNG.uniform(40, 90)),
                "linprobe_top1": float(RNG.uniform(40, 90)), "finetune_top1": float(RNG.uniform(40, 90)),
                "consistency": float(RNG.uniform(0, 0.1)), "final_loss": float(RNG.uniform(0.5, 1)),
-               "final_recon_loss": float(RNG.uniform(0.4, 0.5))}
+               "final_recon_loss": float(RNG.uniform(0.4, 0.5)), "pretrain_flops": 1e12 * k * epochs} | fixed
+    knn_curve = knn_curve or {e: 10.0 * e for e in range(2, epochs + 1, 2)}
     lines = []
     for epoch in range(1, epochs + 1):
         line = {"epoch": epoch, "step": epoch * 10, "loss": 1.0 / epoch, "recon_loss": 0.9 / epoch,
                 "consistency_loss": 0.1 / epoch, "pretrain_seconds": numbers["pretrain_seconds"] * epoch / epochs}
-        if epoch % 2 == 0:  # the kNN monitor every 2 epochs
-            line |= {"knn_top1": 10.0 * epoch, "knn_top5": 20.0 * epoch}
+        if epoch in knn_curve:
+            line |= {"knn_top1": knn_curve[epoch], "knn_top5": min(100.0, 2 * knn_curve[epoch])}
         lines.append(json.dumps(line))
     (run_dir / "log.jsonl").write_text("\n".join(lines) + "\n")
     (run_dir / "checkpoints").mkdir()
@@ -62,7 +71,7 @@ def _write_run(root: Path, variant: str, seed: int, k: int, epochs: int = 4, fin
     (run_dir / "metrics.json").write_text(json.dumps({**stamp,
         "epochs": epochs, "steps": epochs * 10, "pretrain_seconds": numbers["pretrain_seconds"],
         "final_loss": numbers["final_loss"], "final_recon_loss": numbers["final_recon_loss"],
-        "num_parts": k, "mask_ratio": 0.75,
+        "pretrain_flops": numbers["pretrain_flops"], "num_parts": k, "mask_ratio": 0.75,
         "consistency_weight": 0.0 if k == 1 else 1.0, "knn_top1": 40.0}))
     results = root / "results" / variant / f"seed{seed}"
     for stage in ("knn", "linprobe", *(["finetune"] if finetune else [])):
@@ -97,14 +106,19 @@ def test_summary_mean_std_over_seeds_and_plots(tmp_path: Path) -> None:
             values = [written[(row["variant"], s)][key] for s in (0, 1)]
             assert row[key] == pytest.approx(np.mean(values))
             assert row[f"{key}_std"] == pytest.approx(np.std(values, ddof=1))
+            # two seeds: t(0.975, 1) = 12.706 x std / sqrt(2)
+            assert row[f"{key}_ci95"] == pytest.approx(12.7062 * np.std(values, ddof=1) / np.sqrt(2), rel=1e-4)
+    assert list(summary["flops_vs_reference"]) == [100.0, 400.0]  # K=4 at equal epochs
     assert len(pd.read_csv(out / "runs.csv")) == 4
 
     markdown = (out / "summary.md").read_text()
     assert markdown == result.stdout  # also printed
     mae_knn = [written[("mae", s)]["knn_top1"] for s in (0, 1)]
-    assert f"{np.mean(mae_knn):.2f} ± {np.std(mae_knn, ddof=1):.2f}" in markdown
+    half = 12.7062 * np.std(mae_knn, ddof=1) / np.sqrt(2)
+    assert f"{np.mean(mae_knn):.2f} ± {half:.2f}" in markdown
+    assert "± is the 95% confidence interval of the mean over seeds" in markdown
 
-    for name in ("loss_curves.png", "accuracy_vs_time.png", "accuracy_vs_epochs.png"):
+    for name in ("loss_curves.png", "accuracy_vs_time.png", "accuracy_vs_flops.png", "accuracy_vs_epochs.png"):
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.width > 300
     knn_curve = pd.read_csv(out / "curves" / "emae-seed1-knn.csv")
@@ -170,3 +184,60 @@ def test_provenance_table_and_warnings(tmp_path: Path) -> None:
         assert warning in markdown and warning in result.stderr
     assert "results/emae/seed0/knn/metrics.json: stale" not in markdown
     assert "consistency/metrics.json: stale" not in markdown  # its input, last.pt, did not change
+
+
+def _write_baselines(root: Path, seed: int, pixels: dict[str, float], random_init: dict[str, float]) -> None:
+    for name, figures in (("pixels", pixels), ("random_init", random_init)):
+        for stage, top1 in figures.items():
+            path = root / "results" / name / f"seed{seed}" / stage / "metrics.json"
+            path.parent.mkdir(parents=True)
+            encoder = ("pixels" if name == "pixels"
+                       else "random-init:" + file_digest(root / "runs" / "mae" / f"seed{seed}" / "encoder.safetensors"))
+            path.write_text(json.dumps({"top1": top1, "top5": 99.0, "provenance": PROVENANCE,
+                                        "inputs": {"encoder": encoder}}))
+
+
+def test_baselines_time_to_target_and_verdicts(tmp_path: Path) -> None:
+    """The default study: mae (the reference), emae at equal epochs (4x the FLOPs), emae_eqflops at
+    mae's FLOPs (1 epoch), 3 seeds, and the baselines; figures chosen so every outcome is known."""
+    params = _write_params(tmp_path, seeds=[0, 1, 2], full=True)
+    for s in (0, 1, 2):
+        _write_run(tmp_path, "mae", s, 1, knn_curve={2: 60.0, 4: 80.0 + s}, knn_top1=80.0 + s,
+                   linprobe_top1=90.0 + s, pretrain_seconds=100.0, consistency=0.05 + 0.001 * s)
+        # reaches mae's final kNN (81) at epoch 2 of 4: half its 16e12 FLOPs = 200% of mae's 4e12
+        _write_run(tmp_path, "emae", s, 4, knn_curve={2: 85.0, 4: 90.0}, knn_top1=90.0 + s,
+                   linprobe_top1=93.0 + s, pretrain_seconds=200.0, consistency=0.02 + 0.001 * s)
+        _write_run(tmp_path, "emae_eqflops", s, 4, epochs=1, knn_curve={1: 70.0}, knn_top1=70.0 + s,
+                   linprobe_top1=88.0 + s, pretrain_seconds=50.0, pretrain_flops=4e12, consistency=0.03)
+        _write_baselines(tmp_path, s, {"knn": 96.0 + 0.1 * s, "linprobe": 95.0},
+                         {"knn": 60.0 + s, "linprobe": 85.0, "finetune": 50.0 + s})
+    run_cli("report", "-p", str(params), "-o", "out", cwd=tmp_path)
+    out = tmp_path / "out"
+    summary = pd.read_csv(out / "summary.csv").set_index("variant")
+    assert list(summary.index) == ["mae", "emae", "emae_eqflops", "pixels", "random_init"]
+    assert summary.loc["pixels", "knn_top1"] == pytest.approx(96.1)
+    assert summary.loc["random_init", "finetune_top1"] == pytest.approx(51.0)
+    assert np.isnan(summary.loc["pixels", "finetune_top1"]) and np.isnan(summary.loc["pixels", "K"])
+    assert summary.loc["emae_eqflops", "flops_vs_reference"] == pytest.approx(100.0)
+
+    targets = pd.read_csv(out / "time_to_target.csv").set_index(["variant", "measure"])
+    assert targets.loc[("emae", "kNN"), "reached"] == 3
+    assert targets.loc[("emae", "kNN"), "flops_pct"] == pytest.approx(200.0)
+    assert targets.loc[("emae", "kNN"), "seconds_pct"] == pytest.approx(100.0)  # epoch 2 of 200 s
+    assert targets.loc[("emae_eqflops", "kNN"), "reached"] == 0
+    assert targets.loc[("emae_eqflops", "linear probe"), "reached"] == 0  # 88, 89, 90 < mae's 91
+    markdown = (out / "summary.md").read_text()
+    assert "| emae | kNN | 81.00 | 3/3 | 200% ± 0 | 100% ± 0 |" in markdown
+    assert "| mae | kNN |" not in markdown  # the reference is the target
+    assert "| emae_eqflops | kNN | 81.00 | 0/3 | not reached within budget (100% of the FLOPs)" in markdown
+    verdicts = markdown[markdown.index("## Verdicts"):markdown.index("## Provenance")]
+    assert "Pre-training vs pixels, kNN: mae 81 vs pixels 96.1 (difference -15.1" in verdicts
+    assert "mae is worse (the 95% CI of the difference excludes 0)" in verdicts
+    assert "Efficiency at mae's FLOPs, kNN: emae_eqflops 71 vs mae 81" in verdicts
+    assert ("Efficiency, kNN: emae reached mae's final 81.00 in 200% ± 0 of mae's FLOPs and 100% ± 0 of its "
+            "wall-clock: not less compute than mae.") in verdicts
+    assert "Efficiency, kNN: emae_eqflops did not reach mae's final 81.00 in 3 of 3 seeds" in verdicts
+    assert "lower is more consistent): emae 0.021 vs mae 0.051" in verdicts and "emae is better" in verdicts
+    assert "stale" not in markdown
+    with Image.open(out / "accuracy_vs_flops.png") as image:
+        assert image.format == "PNG"

@@ -21,8 +21,26 @@ from emae.train.common import autocast
 from emae.train.distributed import DistInfo
 
 
+PIXELS = "pixels"  # --checkpoint of the raw-pixel baseline (kNN, linear probe)
+
+
 def add_checkpoint_argument(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--checkpoint", "-c", required=True, metavar="PATH", help=what)
+
+
+class PixelFeatures(torch.nn.Module):
+    """The raw-pixel baseline as a frozen 'encoder': its class token and its one patch token are
+    both the normalised image, flattened, so either pool gives the pixels themselves."""
+
+    num_prefix_tokens = 1
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.num_features = self.embed_dim = dim
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, 2, C*H*W]
+        flat = imgs.flatten(1)
+        return torch.stack([flat, flat], dim=1)
 
 
 def add_random_init_argument(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +78,10 @@ def check_data_fits(kwargs: dict[str, Any], data_cfg: Any, path: str | Path) -> 
 def build_encoder(path: str | Path, data_cfg: Any, random_init: bool = False, seed: int = 0,
                   **timm_overrides: Any) -> VisionTransformer:
     """The exported encoder as a timm ViT (all keys checked), or with `random_init` the same
-    architecture initialised like pre-training initialises it (sin-cos positions, xavier)."""
+    architecture initialised like pre-training initialises it (sin-cos positions, xavier).
+    `path` = "pixels": the raw pixels (`PixelFeatures`) for the frozen-feature protocols."""
+    if str(path) == PIXELS:
+        return PixelFeatures(data_cfg.in_chans * data_cfg.image_size**2)  # type: ignore[return-value]
     kwargs = export_kwargs(path)
     check_data_fits(kwargs, data_cfg, path)
     seed_everything(derive_seed(seed, "init"))  # heads and random baselines: same on every rank

@@ -45,7 +45,8 @@ from tqdm import tqdm
 from emae.config import Betas, Config, Section, effective_batch
 from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest, eval_transform
 from emae.errors import EmaeError
-from emae.eval.features import add_checkpoint_argument, build_encoder, topk_correct
+from emae.eval.features import (add_checkpoint_argument, add_random_init_argument, build_encoder,
+                                topk_correct)
 from emae.eval.training import append_jsonl, check_same_run, truncate_log
 from emae.provenance import encoder_digest, write_metrics
 from emae.seeding import derive_seed, seed_everything, set_rng_states
@@ -109,10 +110,12 @@ def train_transform(config: Config, cfg: FinetuneConfig) -> Any:
         mean=tuple(data.mean), std=tuple(data.std))
 
 
-def build_model(config: Config, checkpoint: Path) -> VisionTransformer:
-    """timm ViT with a `data.num_classes` head, initialised from the export (all encoder keys)."""
+def build_model(config: Config, checkpoint: Path, random_init: bool = False) -> VisionTransformer:
+    """timm ViT with a `data.num_classes` head, initialised from the export (all encoder keys), or
+    with `random_init` as pre-training starts: training from scratch with the same recipe."""
     cfg: FinetuneConfig = config.section("finetune")
-    model = build_encoder(checkpoint, config.data, seed=cfg.seed, num_classes=config.data.num_classes,
+    model = build_encoder(checkpoint, config.data, random_init=random_init, seed=cfg.seed,
+                          num_classes=config.data.num_classes,
                           global_pool=cfg.global_pool, fc_norm=False, drop_path_rate=cfg.drop_path)
     nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE: a near-zero head at the start
     nn.init.zeros_(model.head.bias)
@@ -137,22 +140,23 @@ def build_criterion(cfg: FinetuneConfig) -> nn.Module:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_argument(parser, "encoder export (runs/<variant>/encoder.safetensors)")
+    add_random_init_argument(parser)
     add_config_arguments(parser, out_required=True)
 
 
 def run(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    metrics = finetune(config_from_args(args), Path(args.checkpoint), Path(args.out))
+    metrics = finetune(config_from_args(args), Path(args.checkpoint), Path(args.out), args.random_init)
     if metrics:
         print(json.dumps(metrics, indent=2, sort_keys=True))
 
 
-def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
+def finetune(config: Config, checkpoint: Path, out: Path, random_init: bool = False) -> dict[str, Any]:
     cfg: FinetuneConfig = config.section("finetune")
     # every input error before any heavy work: params, data, checkpoint
     train_set = SeededDataset(build_dataset(config.data, "train", train_transform(config, cfg)))
     val_set = build_dataset(config.data, "val", eval_transform(config.data))
-    model = build_model(config, checkpoint)
+    model = build_model(config, checkpoint, random_init)
 
     dist_info = distributed.init_distributed()
     device = default_device()
@@ -184,7 +188,7 @@ def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
 
     # resume
     ckpt = RunCheckpoint(out / "checkpoints" / "last.pt",
-                         {"encoder": encoder_digest(checkpoint), "data": dataset_digest(config.data)},
+                         {"encoder": encoder_digest(checkpoint, random_init), "data": dataset_digest(config.data)},
                          dist_info.world_size)
     ckpt_path = ckpt.path
     step, elapsed = 0, 0.0
@@ -285,7 +289,7 @@ def finetune(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:
         metrics = {**result, "best_top1": max([result["top1"], *(r["top1"] for r in logged if "top1" in r)]),
                    "epochs": cfg.epochs, "steps": step, "lr": lr, "effective_batch_size": eff_batch,
                    "finetune_seconds": elapsed, "world_size": dist_info.world_size,
-                   "checkpoint": str(checkpoint)}
+                   "checkpoint": str(checkpoint), "random_init": random_init}
         metrics = write_metrics(out / "metrics.json", metrics, ckpt.inputs, dist_info.world_size)
         log.info("fine-tuned: top-1 %.2f%%, top-5 %.2f%% -> %s", metrics["top1"], metrics["top5"],
                  out / "metrics.json")

@@ -36,6 +36,7 @@ class KnnConfig(Section):
     batch_size: int = Field(gt=0, description="images per device for feature extraction")
     pool: Literal["token", "avg"] = Field(description="class token, or mean of the patch tokens")
     amp: Literal["auto", "bf16", "fp16", "off"]
+    seed: int = Field(description="draws the weights of the random-init baseline (--random-init)")
 
 
 @torch.no_grad()
@@ -110,7 +111,7 @@ def evaluate_knn(config: Config, checkpoint: Path, out: Path, random_init: bool 
                  ) -> dict[str, Any]:
     cfg: KnnConfig = config.section("knn")  # params errors first,
     datasets = _datasets(config)  # then data errors,
-    encoder = build_encoder(checkpoint, config.data, random_init=random_init)  # then checkpoint ones
+    encoder = build_encoder(checkpoint, config.data, random_init=random_init, seed=cfg.seed)  # then checkpoint ones
     dist_info = distributed.init_distributed()
     device = default_device()
     start = time.perf_counter()

@@ -2,11 +2,15 @@
 
 Reads the runs of params/pipeline.yaml (variants x seeds) from `runs/` and `results/` and writes:
 
-  summary.csv, summary.md   one row per variant: K, mask ratio, lambda, epochs, seeds, and the mean
-                            (`*_std`: standard deviation over seeds) of pre-training seconds, final
-                            loss, kNN / linear-probe / fine-tuning top-1 and consistency
+  summary.csv, summary.md   one row per variant and per baseline (raw pixels, random init): K, mask
+                            ratio, lambda, epochs, seeds, and the mean (`*_std`: standard deviation,
+                            `*_ci95`: 95% CI half-width over seeds) of pre-training seconds and FLOPs
+                            (also as a % of pipeline.reference's), final loss, kNN / linear-probe /
+                            fine-tuning top-1 and consistency; summary.md adds the time-to-target
+                            table, one verdict sentence per claim, and the provenance
+  time_to_target.csv        FLOPs and seconds each variant needed to reach the reference's accuracy
   runs.csv                  one row per run
-  loss_curves.png, accuracy_vs_time.png, accuracy_vs_epochs.png
+  loss_curves.png, accuracy_vs_time.png, accuracy_vs_flops.png, accuracy_vs_epochs.png
   curves/<run>.csv, curves/<run>-knn.csv   the curves as CSV (dvc plots)
   reconstructions/<run>-*.png              the visualize grids
 """
@@ -19,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from emae.workflow.stages import (CURVES_DIR, PLOTS, RECONSTRUCTIONS_DIR, RUNS_CSV, SUMMARY_CSV,
-                                  SUMMARY_MD)
+                                  SUMMARY_MD, TIME_TO_TARGET_CSV)
 
 logger = logging.getLogger("emae.report")
 
@@ -55,26 +59,37 @@ def write_report(pipeline, out: Path, root: Path = Path(".")) -> dict[str, Path]
     """Write every report file under `out`; returns them by name."""
     from emae.io import atomic_write, atomic_write_text
     from emae.report import plots
+    from emae.report.compute import time_to_target, time_to_target_markdown, verdicts, verdicts_markdown
     from emae.report.summary import (provenance_markdown, provenance_table, read_log, runs_table,
                                      summary_table, to_markdown)
 
     cfg = pipeline.settings.report
+    reference = pipeline.settings.reference
     runs = runs_table(pipeline, root)  # reads (and checks) every metrics file first
     provenance, warnings = provenance_table(pipeline, root)
     for warning in warnings:
         logger.warning("%s", warning)
     logs = {run: read_log(root / run.run_dir / "log.jsonl") for run in pipeline.runs}
-    summary = summary_table(runs)
+    summary = summary_table(runs, reference)
+    targets = time_to_target(pipeline, runs, logs)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / name for name in (SUMMARY_CSV, SUMMARY_MD, RUNS_CSV, *PLOTS.values())}
+    paths = {name: out / name for name in (SUMMARY_CSV, SUMMARY_MD, RUNS_CSV, TIME_TO_TARGET_CSV,
+                                           *PLOTS.values())}
     atomic_write(paths[SUMMARY_CSV], lambda tmp: summary.to_csv(tmp, index=False))
     atomic_write(paths[RUNS_CSV], lambda tmp: runs.to_csv(tmp, index=False))
-    atomic_write_text(paths[SUMMARY_MD], to_markdown(summary, cfg.decimals) + "\n"
-                      + provenance_markdown(provenance, warnings))
+    atomic_write(paths[TIME_TO_TARGET_CSV], lambda tmp: targets.to_csv(tmp, index=False))
+    atomic_write_text(paths[SUMMARY_MD], "\n".join([
+        to_markdown(summary, cfg.decimals, reference), time_to_target_markdown(targets, reference),
+        verdicts_markdown(verdicts(pipeline, runs, targets)), provenance_markdown(provenance, warnings)]))
 
+    epochs = {run: (int(row["epochs"]), float(row["pretrain_flops"]))
+              for run, (_, row) in zip(pipeline.runs, runs.iterrows())}
+    baselines = {name: float(value) for name, value in summary.set_index("variant")["knn_top1"].items()
+                 if name in ("pixels", "random_init") and value == value}
     plots.loss_curves(logs, paths[PLOTS["loss_curves"]], cfg)
-    plots.accuracy_curves(logs, paths[PLOTS["accuracy_vs_time"]], "pretrain_seconds", cfg)
-    plots.accuracy_curves(logs, paths[PLOTS["accuracy_vs_epochs"]], "epoch", cfg)
+    for name, x in (("accuracy_vs_time", "pretrain_seconds"), ("accuracy_vs_flops", "flops"),
+                    ("accuracy_vs_epochs", "epoch")):
+        plots.accuracy_curves(logs, epochs, baselines, paths[PLOTS[name]], x, cfg)
 
     curves = out / CURVES_DIR
     curves.mkdir(exist_ok=True)

@@ -1,5 +1,7 @@
-"""Report plots (matplotlib, Agg): pre-training loss curves, and kNN-monitor accuracy against
-pre-training wall-clock and against epochs, one line per run (a colour per variant)."""
+"""Report plots (matplotlib, Agg): pre-training loss curves (one line per run, a colour per
+variant), and kNN-monitor accuracy against pre-training wall-clock, FLOPs and epochs: per variant
+the mean over seeds with a band from the lowest to the highest seed, and the baselines' kNN
+(raw pixels, random init) as horizontal lines."""
 
 from __future__ import annotations
 
@@ -48,23 +50,46 @@ def loss_curves(logs: dict[Run, pd.DataFrame], path: Path, cfg: ReportConfig) ->
     _save(fig, path, cfg.dpi)
 
 
-def accuracy_curves(logs: dict[Run, pd.DataFrame], path: Path, x: str, cfg: ReportConfig) -> None:
-    """kNN top-1 of the monitor entries of each log against `x` (pretrain_seconds or epoch)."""
-    runs = list(logs)
-    colours = _colours(runs)
-    fig, ax = plt.subplots(figsize=cfg.figure_size)
-    plotted = False
+AXES = {"pretrain_seconds": ("pre-training wall-clock (s)", "time"),
+        "flops": ("pre-training FLOPs (analytic)", "FLOPs"), "epoch": ("epoch", "epochs")}
+
+
+def _monitor_points(logs: dict[Run, pd.DataFrame], epochs: dict[Run, tuple[int, float]]) -> pd.DataFrame:
+    """Every monitored epoch of every run: variant, seed, epoch, seconds, FLOPs, kNN top-1."""
+    frames = []
     for run, log in logs.items():
-        points = log.dropna(subset=["knn_top1"]) if "knn_top1" in log else log.iloc[0:0]
-        if len(points):
-            ax.plot(points[x], points["knn_top1"], marker="o", color=colours[run.variant],
-                    label=_label(run, runs))
-            plotted = True
-    xlabel = "pre-training wall-clock (s)" if x == "pretrain_seconds" else "epoch"
-    ax.set(xlabel=xlabel, ylabel="kNN top-1 (%)",
-           title=f"kNN top-1 during pre-training vs {'time' if x == 'pretrain_seconds' else 'epochs'}")
+        if "knn_top1" not in log:
+            continue
+        points = log.dropna(subset=["knn_top1"])[["epoch", "pretrain_seconds", "knn_top1"]].copy()
+        total_epochs, total_flops = epochs[run]
+        points["flops"] = points["epoch"] / total_epochs * total_flops  # every epoch costs the same
+        frames.append(points.assign(variant=run.variant, seed=run.seed))
+    return pd.concat(frames) if frames else pd.DataFrame()
+
+
+def accuracy_curves(logs: dict[Run, pd.DataFrame], epochs: dict[Run, tuple[int, float]],
+                    baselines: dict[str, float], path: Path, x: str, cfg: ReportConfig) -> None:
+    """kNN top-1 of the monitor entries against `x` (pretrain_seconds, flops or epoch): per variant
+    the mean over seeds at each monitored epoch, the band spanning the seeds; `baselines`: name ->
+    kNN top-1, drawn as horizontal lines. `epochs`: run -> (its epochs, its pre-training FLOPs)."""
+    colours = _colours(list(logs))
+    fig, ax = plt.subplots(figsize=cfg.figure_size)
+    points = _monitor_points(logs, epochs)
+    plotted = not points.empty
+    for variant, group in (points.groupby("variant", sort=False) if plotted else []):
+        by_epoch = group.groupby("epoch")
+        mean, low, high = (f(numeric_only=True).reset_index() for f in (by_epoch.mean, by_epoch.min, by_epoch.max))
+        seeds = group["seed"].nunique()
+        ax.plot(mean[x], mean["knn_top1"], marker="o", markersize=3, color=colours[variant],
+                label=f"{variant} ({seeds} seed{'s' if seeds > 1 else ''})")
+        if seeds > 1:
+            ax.fill_between(mean[x], low["knn_top1"], high["knn_top1"], color=colours[variant], alpha=0.2)
+    for i, (name, value) in enumerate(baselines.items()):
+        ax.axhline(value, color="0.3", linestyle=("--", ":")[i % 2], linewidth=1, label=f"{name} (baseline)")
+    xlabel, what = AXES[x]
+    ax.set(xlabel=xlabel, ylabel="kNN top-1 (%)", title=f"kNN top-1 during pre-training vs {what}")
     if plotted:
-        ax.legend()
+        ax.legend(fontsize="small")
     else:  # still write the file: its absence would break the pipeline's outputs
         ax.text(0.5, 0.5, "no kNN monitor entries\n(pretrain.knn_every_epochs = 0)",
                 ha="center", va="center", transform=ax.transAxes)

@@ -1,8 +1,9 @@
-"""Join the metrics of every run into tables: one row per run, and one per variant (mean, std).
+"""Join the metrics of every run into tables: one row per run, and one per variant (mean, std and
+a 95% confidence interval over seeds), the baselines (raw pixels, random init) as rows of their own.
 
 Inputs (the stage contract): `runs/<v>/seed<s>/metrics.json` and `log.jsonl` from pre-training,
 `results/<v>/seed<s>/<stage>/metrics.json` with `top1`/`top5` (kNN, linear probe, fine-tuning) and
-`consistency` (prediction consistency).
+`consistency` (prediction consistency); `results/{pixels,random_init}/seed<s>/<stage>/metrics.json`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from scipy import stats
 
 from emae.errors import EmaeError
 from emae.io import read_json
@@ -27,9 +29,18 @@ SETTINGS = ["K", "mask_ratio", "consistency_weight", "epochs", "batch", "lr"]
 # Columns averaged over seeds (mean, and `<name>_std`).
 # final_loss is what each variant minimised (reconstruction + lambda x consistency); compare
 # variants on final_recon_loss
-MEASURES = ["pretrain_seconds", "final_loss", "final_recon_loss", "knn_top1", "linprobe_top1", "finetune_top1",
-            "det_ap_box", "det_ap_mask", "seg_miou",
-            "consistency"]
+MEASURES = ["pretrain_seconds", "pretrain_flops", "final_loss", "final_recon_loss", "knn_top1",
+            "linprobe_top1", "finetune_top1", "det_ap_box", "det_ap_mask", "seg_miou", "consistency"]
+# Shown as a percentage of the reference variant's mean (pipeline.reference).
+RELATIVE = {"pretrain_flops": "flops_vs_reference", "pretrain_seconds": "seconds_vs_reference"}
+
+
+def ci95(values: pd.Series) -> float:
+    """Half-width of the 95% confidence interval of the mean (Student t; NaN below two values)."""
+    values = values.dropna()
+    if len(values) < 2:
+        return math.nan
+    return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
 
 
 def _metrics(path: Path) -> dict[str, Any]:
@@ -69,18 +80,12 @@ def run_row(pipeline: Pipeline, run: Run, root: Path = Path(".")) -> dict[str, A
         # pre-training's effective batch (images per step, all processes) and the lr it gave
         "batch": float(pre.get("effective_batch_size", math.nan)), "lr": float(pre.get("lr", math.nan)),
         "pretrain_seconds": _number(pre, "pretrain_seconds", path),
+        "pretrain_flops": float(pre.get("pretrain_flops", math.nan)),
         "final_loss": _number(pre, "final_loss", path),
         "final_recon_loss": _number(pre, "final_recon_loss", path),
         "pretrain_knn_top1": float(pre.get("knn_top1", math.nan)),
     }
-    for stage in EVAL_STAGES:
-        for key in ("top1", "top5"):
-            row[f"{stage}_{key}"] = math.nan
-        if pipeline.stage_enabled(stage):
-            path = root / run.result_dir(stage) / "metrics.json"
-            metrics = _metrics(path)
-            row[f"{stage}_top1"] = _number(metrics, "top1", path)
-            row[f"{stage}_top5"] = _number(metrics, "top5", path)
+    row |= _eval_figures(pipeline, run, EVAL_STAGES, root)
     row["consistency"] = math.nan
     if pipeline.stage_enabled("consistency"):
         path = root / run.result_dir("consistency") / "metrics.json"
@@ -94,13 +99,36 @@ def run_row(pipeline: Pipeline, run: Run, root: Path = Path(".")) -> dict[str, A
     return row
 
 
+def _eval_figures(pipeline: Pipeline, run: Run, stages: tuple[str, ...], root: Path) -> dict[str, float]:
+    row = {}
+    for stage in EVAL_STAGES:
+        for key in ("top1", "top5"):
+            row[f"{stage}_{key}"] = math.nan
+        if stage in stages and pipeline.stage_enabled(stage):
+            path = root / run.result_dir(stage) / "metrics.json"
+            metrics = _metrics(path)
+            row[f"{stage}_top1"] = _number(metrics, "top1", path)
+            row[f"{stage}_top5"] = _number(metrics, "top5", path)
+    return row
+
+
+def baseline_row(pipeline: Pipeline, run: Run, root: Path = Path(".")) -> dict[str, Any]:
+    """A baseline (no pre-training): its evaluation figures; settings and the rest are NaN."""
+    row: dict[str, Any] = {"variant": run.variant, "seed": run.seed,
+                           **{c: math.nan for c in [*SETTINGS, *MEASURES, "pretrain_knn_top1"]}}
+    return row | _eval_figures(pipeline, run, tuple(pipeline.baseline_stages(run)), root)
+
+
 def runs_table(pipeline: Pipeline, root: Path = Path(".")) -> pd.DataFrame:
-    return pd.DataFrame([run_row(pipeline, run, root) for run in pipeline.runs])
+    rows = [run_row(pipeline, run, root) for run in pipeline.runs]
+    rows += [baseline_row(pipeline, run, root) for run in pipeline.baseline_runs]
+    return pd.DataFrame(rows)
 
 
-def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per variant (in pipeline order): its settings, the number of seeds, and the mean
-    and standard deviation (over seeds; NaN with one seed) of each measure."""
+def summary_table(runs: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """One row per variant, then per baseline (in pipeline order): its settings, the number of
+    seeds, and the mean, standard deviation and 95% CI half-width (over seeds; NaN with one seed)
+    of each measure; pre-training FLOPs and seconds also as a % of the `reference` variant's."""
     rows = []
     for variant, group in runs.groupby("variant", sort=False):
         row: dict[str, Any] = {"variant": variant}
@@ -113,29 +141,45 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
         for column in MEASURES:
             row[column] = group[column].mean()
             row[f"{column}_std"] = group[column].std(ddof=1) if len(group) > 1 else math.nan
+            row[f"{column}_ci95"] = ci95(group[column])
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    ref = table[table["variant"] == reference].iloc[0]
+    for column, name in RELATIVE.items():
+        table[name] = 100 * table[column] / ref[column]
+    return table
 
 
-def to_markdown(summary: pd.DataFrame, decimals: int) -> str:
-    """The summary as a Markdown table: `mean ± std` with several seeds, `-` for stages not run."""
-    headers = ["variant", *SETTINGS, "seeds", *MEASURES]
+def _cell(mean: float, ci: float, digits: int) -> str:
+    if pd.isna(mean):
+        return "-"
+    return f"{mean:.{digits}f}" if pd.isna(ci) else f"{mean:.{digits}f} ± {ci:.{digits}f}"
+
+
+def to_markdown(summary: pd.DataFrame, decimals: int, reference: str) -> str:
+    """The summary as a Markdown table: `mean ± 95% CI` with several seeds, `-` where a stage did
+    not run (or a baseline has none)."""
+    headers = ["variant", *SETTINGS, "seeds", "pretrain_seconds", f"seconds_vs_{reference}_%", "pretrain_flops",
+               f"flops_vs_{reference}_%", *MEASURES[2:]]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(headers)) + "|"]
     for _, row in summary.iterrows():
-        cells = [str(row["variant"]), str(int(row["K"])), f"{row['mask_ratio']:g}",
-                 f"{row['consistency_weight']:g}", str(int(row["epochs"])),
+        known = not pd.isna(row["K"])
+        cells = [str(row["variant"]), *([str(int(row["K"])), f"{row['mask_ratio']:g}",
+                 f"{row['consistency_weight']:g}", str(int(row["epochs"]))] if known else ["-"] * 4),
                  "-" if pd.isna(row["batch"]) else str(int(row["batch"])),
-                 "-" if pd.isna(row["lr"]) else f"{row['lr']:.3g}", str(int(row["seeds"]))]
-        for column in MEASURES:
-            mean, std = row[column], row[f"{column}_std"]
+                 "-" if pd.isna(row["lr"]) else f"{row['lr']:.3g}", str(int(row["seeds"])),
+                 _cell(row["pretrain_seconds"], row["pretrain_seconds_ci95"], 1),
+                 _cell(row["seconds_vs_reference"], math.nan, 0),
+                 "-" if pd.isna(row["pretrain_flops"]) else f"{row['pretrain_flops']:.3g}",
+                 _cell(row["flops_vs_reference"], math.nan, 0)]
+        for column in MEASURES[2:]:
             digits = 4 if column in ("consistency", "final_loss", "final_recon_loss") else decimals
-            if pd.isna(mean):
-                cells.append("-")
-            elif pd.isna(std):
-                cells.append(f"{mean:.{digits}f}")
-            else:
-                cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}")
+            cells.append(_cell(row[column], row[f"{column}_ci95"], digits))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "± is the 95% confidence interval of the mean over seeds (Student t; the standard "
+              "deviations are in summary.csv). FLOPs: the analytic training count (emae.flops). "
+              "pixels / random_init: the baselines (no pre-training; fine-tuning random_init is "
+              "training from scratch with the same recipe)."]
     return "\n".join(lines) + "\n"
 
 
@@ -178,20 +222,24 @@ def provenance_table(pipeline: Pipeline, root: Path = Path(".")) -> tuple[pd.Dat
     rows, warnings = [], []
     stages = ["pretrain", *(s for s in (*EVAL_STAGES, *MODEL_STAGES, *DENSE_STAGES)
                             if pipeline.stage_enabled(s))]
-    for run in pipeline.runs:
-        for stage in stages:
-            path = root / (run.run_dir if stage == "pretrain" else run.result_dir(stage)) / "metrics.json"
-            metrics = _metrics(path)
-            if "provenance" not in metrics:
-                warnings.append(f"{path}: no provenance recorded (written by an older emae): rerun its stage")
-            inputs = metrics.get("inputs", {})
-            for name, digest in _expected_inputs(stage, run, root).items():
-                recorded = str(inputs.get(name, "")).removeprefix("random-init:")
-                if recorded != digest:
-                    warnings.append(f"{path}: stale: made from another {name} than the current "
-                                    f"{run.run_dir}'s ({recorded[:12] or 'unrecorded'} vs {digest[:12]}): "
-                                    "rerun its stage")
-            rows.append({"run": run.name, "stage": stage, **_describe(metrics.get("provenance", {}))})
+    jobs = [(run, stage, run) for run in pipeline.runs for stage in stages]
+    # baselines: random_init is checked against the reference run's export it was drawn for
+    jobs += [(run, stage, Run(pipeline.settings.reference, run.seed) if run.variant == "random_init" else None)
+             for run in pipeline.baseline_runs for stage in pipeline.baseline_stages(run)]
+    for run, stage, made_from in jobs:
+        path = root / (run.run_dir if stage == "pretrain" else run.result_dir(stage)) / "metrics.json"
+        metrics = _metrics(path)
+        if "provenance" not in metrics:
+            warnings.append(f"{path}: no provenance recorded (written by an older emae): rerun its stage")
+        inputs = metrics.get("inputs", {})
+        expected = _expected_inputs(stage, made_from, root) if made_from is not None else {}
+        for name, digest in expected.items():
+            recorded = str(inputs.get(name, "")).removeprefix("random-init:")
+            if recorded != digest:
+                warnings.append(f"{path}: stale: made from another {name} than the current "
+                                f"{made_from.run_dir}'s ({recorded[:12] or 'unrecorded'} vs {digest[:12]}): "
+                                "rerun its stage")
+        rows.append({"run": run.name, "stage": stage, **_describe(metrics.get("provenance", {}))})
     table = pd.DataFrame(rows)
     for stage, group in table.groupby("stage", sort=False):
         for column, what in COMPARED.items():

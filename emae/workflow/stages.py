@@ -7,6 +7,9 @@ and every variant merged over it) and lists the concrete jobs of the DAG:
     pretrain   per variant x seed -> runs/<variant>/seed<seed>/
     knn, linprobe, finetune, consistency, visualize
                per variant x seed -> results/<variant>/seed<seed>/<stage>/
+    baselines  per seed: results/pixels/seed<seed>/{knn,linprobe}/ (raw pixels) and
+               results/random_init/seed<seed>/{knn,linprobe,finetune}/ (the reference variant's
+               architecture at its initial weights; fine-tuning it is training from scratch)
     report                       -> results/report/
 
 Each job carries its `emae` command line, its inputs, its outputs (with DVC's flags), the params
@@ -41,16 +44,20 @@ DENSE_STAGES = ("detect", "segment")  # dense transfer on the exported encoder (
 RUN_STAGES = ("pretrain", *EVAL_STAGES, *MODEL_STAGES, *DENSE_STAGES)
 TRAINING_STAGES = ("pretrain", "linprobe", "finetune", *DENSE_STAGES)  # step with an effective batch
 STAGES = ("prepare", "prepare_dense", *RUN_STAGES, "report", "sweep")
+# baseline "runs" (no pre-training) -> the evaluation stages each one has
+BASELINE_STAGES = {"pixels": ("knn", "linprobe"), "random_init": EVAL_STAGES}
 SWEEP_DIR = f"{RESULTS_DIR}/sweeps"
 SWEEP_STUDY = "k_mask_ratio"  # the study the pipeline runs when pipeline.stages.sweep is true
 
 # Report outputs (the report command writes exactly these; `emae.report` imports the names).
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
+TIME_TO_TARGET_CSV = "time_to_target.csv"
 RUNS_CSV = "runs.csv"
 PLOTS = {
     "loss_curves": "loss_curves.png",
     "accuracy_vs_time": "accuracy_vs_time.png",
+    "accuracy_vs_flops": "accuracy_vs_flops.png",
     "accuracy_vs_epochs": "accuracy_vs_epochs.png",
 }
 CURVES_DIR = "curves"  # one CSV per run (epoch, seconds, losses, kNN): DVC plots read these
@@ -166,8 +173,20 @@ class Pipeline:
             raise ConfigError(f"{self.params}: no `pipeline:` section (variants, seeds, stages); "
                               "see params/pipeline.yaml in the emae repository")
         self.settings: PipelineConfig = self.config.section("pipeline")
+        clash = sorted(set(self.settings.variants) & set(BASELINE_STAGES))
+        if clash:
+            raise ConfigError(f"pipeline.variants: {', '.join(clash)} names a baseline; rename the variant")
         self.runs = [Run(v, s) for v in self.settings.variants for s in self.settings.seeds]
+        self.budgets: dict[str, dict[str, Any]] = {}  # variant -> pretrain epochs (pipeline.compute_of)
         self.run_configs = {run: self._load(run) for run in self.runs}  # validates every variant
+        if self.settings.compute_of:
+            self.budgets = self._compute_budgets()
+            self.run_configs |= {run: self._load(run) for run in self.runs if run.variant in self.budgets}
+        self.baseline_runs = [Run(b, s) for b in BASELINE_STAGES if getattr(self.settings.baselines, b)
+                              for s in self.settings.seeds]
+        reference = {run.seed: self.run_configs[run] for run in self.runs
+                     if run.variant == self.settings.reference}
+        self.run_configs |= {run: reference[run.seed] for run in self.baseline_runs}
         self._check_data_root()
         self.batches = self._check_batches()
 
@@ -182,6 +201,8 @@ class Pipeline:
             self._merge_labelled(tree, origin, self.settings.variants[run.variant],
                                  f"pipeline.variants.{run.variant}")
             self._merge_labelled(tree, origin, {"pretrain": {"seed": run.seed}}, "pipeline.seeds")
+            if run.variant in self.budgets:
+                self._merge_labelled(tree, origin, self._budget_tree(run), "pipeline.compute_of")
         merge_overrides(tree, origin, self.overrides)
         config = config_from_tree(tree, origin)
         validate_all(config)
@@ -199,11 +220,39 @@ class Pipeline:
             origin[dotted] = f"{source}: {key}"
 
     def run_overrides(self, run: Run) -> list[str]:
-        """The `key=value` arguments that make the params tree into this run's config."""
+        """The `key=value` arguments that make the params tree into this run's config (a baseline:
+        the reference variant's, with the seed as the evaluations' seed: it draws the random init)."""
         if run == PATTERN:
             return []
+        if run.variant in BASELINE_STAGES:
+            seeds = [f"{stage}.seed={run.seed}" for stage in BASELINE_STAGES[run.variant]]
+            return [*self.run_overrides(Run(self.settings.reference, run.seed)), *seeds]
+        budget = flatten(self._budget_tree(run)) if run.variant in self.budgets else []
         return [*flatten(self.settings.overrides), *flatten(self.settings.variants[run.variant]),
-                f"pretrain.seed={run.seed}", *self.overrides]
+                f"pretrain.seed={run.seed}", *budget, *self.overrides]
+
+    def _budget_tree(self, run: Run) -> dict[str, Any]:
+        return {"pretrain": self.budgets[run.variant]}
+
+    def _compute_budgets(self) -> dict[str, dict[str, Any]]:
+        """pipeline.compute_of: each variant gets its source variant's pre-training FLOPs, as the
+        epochs (and warm-up) `emae.flops.fit_epochs` gives for that budget. Per image of the training
+        set: both see the same images per epoch, so the set's size cancels out."""
+        from emae.flops import fit_epochs, train_flops_per_image
+
+        budgets = {}
+        for variant, source in self.settings.compute_of.items():
+            src, own = (self.run_configs[Run(v, self.settings.seeds[0])] for v in (source, variant))
+            for name, config in ((source, src), (variant, own)):
+                if config.pretrain.budget_flops is not None or config.pretrain.budget_images is not None:
+                    raise ConfigError(f"pipeline.compute_of.{variant}={source}: {name} has a pretrain budget "
+                                      "of its own; compute_of works with epochs")
+            per_image = {v: train_flops_per_image(c.model, c.data.image_size, c.data.in_chans)
+                         for v, c in ((source, src), (variant, own))}
+            epochs, warmup = fit_epochs(own.pretrain.epochs, own.pretrain.warmup_epochs, 1, per_image[variant],
+                                        budget_flops=src.pretrain.epochs * per_image[source])
+            budgets[variant] = {"epochs": epochs, "warmup_epochs": warmup}
+        return budgets
 
     def _check_data_root(self) -> None:
         roots = {cfg.data.root for cfg in self.run_configs.values()} | {self.config.data.root}
@@ -248,14 +297,20 @@ class Pipeline:
         """Every job of the DAG, in an order that runs (dependencies first)."""
         jobs = []
         for stage in self.stages:
+            if stage == "report":
+                jobs += [self.job(s, run) for run in self.baseline_runs for s in self.baseline_stages(run)]
             if stage in RUN_STAGES:
                 jobs += [self.job(stage, run) for run in self.runs]
             else:
                 jobs.append(self.job(stage))
         return jobs
 
+    def baseline_stages(self, run: Run) -> list[str]:
+        """The evaluations a baseline run has, among the stages switched on."""
+        return [s for s in BASELINE_STAGES[run.variant] if self.stage_enabled(s)]
+
     def find_run(self, variant: str | None, seed: int | None) -> Run:
-        for run in self.runs:
+        for run in (*self.runs, *self.baseline_runs):
             if run.variant == variant and run.seed == seed:
                 return run
         raise ConfigError(f"no run {variant}/seed{seed} in pipeline.variants x pipeline.seeds "
@@ -269,6 +324,10 @@ class Pipeline:
         if (stage in RUN_STAGES) != (run is not None):
             raise ConfigError(f"stage {stage!r} " + ("needs --variant and --seed" if run is None
                                                       else "takes no --variant / --seed"))
+        if run is not None and run.variant in BASELINE_STAGES and run != PATTERN:
+            if stage not in BASELINE_STAGES[run.variant]:
+                raise ConfigError(f"the {run.variant} baseline has no {stage} stage (it has "
+                                  f"{', '.join(BASELINE_STAGES[run.variant])})")
         if stage in DENSE_STAGES:
             job = self._job_dense(stage, run)
         else:
@@ -337,6 +396,8 @@ class Pipeline:
             params=["data", "model", "pretrain", *self._variant_params(run)])
 
     def _job_eval(self, stage: str, run: Run) -> StageJob:
+        if run.variant in BASELINE_STAGES:
+            return self._job_baseline(stage, run)
         checkpoint = (f"{run.run_dir}/encoder.safetensors" if stage in EVAL_STAGES
                       else f"{run.run_dir}/checkpoints/last.pt")
         out = run.result_dir(stage)
@@ -351,8 +412,22 @@ class Pipeline:
             deps=[f"{run.run_dir}/encoder.safetensors", *self._data_deps()],
             outs=outs, params=params)
 
+    def _job_baseline(self, stage: str, run: Run) -> StageJob:
+        """An evaluation without pre-training: of the raw pixels, or of the reference variant's
+        encoder architecture at its initial weights (its export gives the architecture only)."""
+        reference = Run(self.settings.reference, run.seed)
+        encoder = f"{reference.run_dir}/encoder.safetensors"
+        source = ["--checkpoint", "pixels"] if run.variant == "pixels" else ["--checkpoint", encoder,
+                                                                             "--random-init"]
+        out = run.result_dir(stage)
+        return StageJob(
+            stage, run, [stage, *source, *self._common_argv(), "-o", out, *self.run_overrides(run)],
+            deps=([] if run.variant == "pixels" else [encoder]) + self._data_deps(),
+            outs=[Out(f"{out}/metrics.json", kind="metrics")],
+            params=["data", stage, *self._variant_params(reference)])
+
     def _job_report(self, stage: str, run: None) -> StageJob:
-        deps = []
+        deps = [f"{r.result_dir(s)}/metrics.json" for r in self.baseline_runs for s in self.baseline_stages(r)]
         for r in self.runs:
             deps.append(f"{r.run_dir}/metrics.json")
             for s in (*EVAL_STAGES, *MODEL_STAGES, *DENSE_STAGES):
@@ -360,7 +435,7 @@ class Pipeline:
                     deps.append(r.result_dir(s) if s == "visualize" else f"{r.result_dir(s)}/metrics.json")
         d = REPORT_DIR
         outs = [Out(f"{d}/{SUMMARY_CSV}"), Out(f"{d}/{SUMMARY_MD}"),
-                Out(f"{d}/{RUNS_CSV}"),
+                Out(f"{d}/{RUNS_CSV}"), Out(f"{d}/{TIME_TO_TARGET_CSV}"),
                 *[Out(f"{d}/{name}", kind="plots") for name in PLOTS.values()],
                 Out(f"{d}/{CURVES_DIR}", directory=True)]
         if self.stage_enabled("visualize"):

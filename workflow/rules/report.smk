@@ -10,6 +10,8 @@ REPORT_CAPTIONS = {
     "runs.csv": ("../report/runs.rst", "1. Summary"),
     "loss_curves.png": ("../report/loss_curves.rst", "2. Pre-training"),
     "accuracy_vs_time.png": ("../report/accuracy_vs_time.rst", "2. Pre-training"),
+    "accuracy_vs_flops.png": ("../report/accuracy_vs_flops.rst", "2. Pre-training"),
+    "time_to_target.csv": ("../report/time_to_target.rst", "1. Summary"),
     "accuracy_vs_epochs.png": ("../report/accuracy_vs_epochs.rst", "2. Pre-training"),
     "reconstructions": ("../report/reconstructions.rst", "3. Reconstructions"),
 }
