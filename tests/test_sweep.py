@@ -19,13 +19,12 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from conftest import PARAMS, REPO, TINY_OVERRIDES, cli_env, run_cli
+from conftest import PARAMS, REPO, TINY_OVERRIDES, cli_env
 from emae.config import load_config
 from emae.errors import ConfigError, EmaeError
 from emae.sweep import liveness
 from emae.sweep.space import SearchSpace
-from emae.sweep.storage import StudyMismatchError
-from emae.sweep.study import Sweep
+from emae.sweep.study import StudyMismatchError, Sweep, retried_as
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -122,7 +121,7 @@ def test_sampled_points_are_always_valid(name: str, sampler: str) -> None:
     if sampler == "random":  # not over-constrained: the largest K of the largest ratio is drawn
         r_max = max(r for _, r in seen)
         k_max = max(k for k, r in seen if r == r_max)
-        space_k = max(space.axes["model.num_parts"].choices)
+        space_k = max(space.axis_values("model.num_parts"))
         assert k_max == min(space_k, 64 // int(64 * (1 - r_max)))
 
 
@@ -185,7 +184,8 @@ def test_rdb_storage_by_url(small_digits: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "study.journal").exists()
 
 
-def test_existing_study_with_another_space_is_refused(small_digits: Path, tmp_path: Path) -> None:
+def test_existing_study_with_another_space_is_refused(small_digits: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "study"
     first = Sweep(load_config([PARAMS], overrides(small_digits, *grid([0.5, 0.75], [1, 2]))), out)
     study, new = first.create_study(first.open_storage())
@@ -198,9 +198,11 @@ def test_existing_study_with_another_space_is_refused(small_digits: Path, tmp_pa
         other.create_study(other.open_storage())
     assert (out / "study.journal").read_bytes() == journal
     # through the CLI: one clear line, no traceback, nothing written
-    result = run_cli("sweep", "-o", str(out), *overrides(small_digits, *grid([0.5, 0.75], [1, 2, 4])), check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("emae: error: study 'study' exists with another search space")
+    from emae.cli import main
+
+    assert main(["sweep", "-o", str(out), *overrides(small_digits, *grid([0.5, 0.75], [1, 2, 4]))]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("emae: error: study 'study' exists with another search space")
     assert (out / "study.journal").read_bytes() == journal and not (out / "params.yaml").exists()
 
 
@@ -230,35 +232,47 @@ def test_trials_of_dead_owners_are_failed_and_retried(small_digits: Path, tmp_pa
         os.utime(beat, (time.time() - age, time.time() - age))
     assert sweep.remaining(study) == 0  # all four cells are taken
     found = sweep.recover(study)
-    assert sorted(n for n, _ in found) == sorted([dead.number, stale_remote.number])
+    assert sorted(found) == sorted([dead.number, stale_remote.number])
     by_number = {t.number: t for t in study.get_trials()}
     assert by_number[alive_here.number].state == TrialState.RUNNING
     assert by_number[fresh_remote.number].state == TrialState.RUNNING
     waiting = study.get_trials(states=(TrialState.WAITING,))
-    assert sorted(t.user_attrs["retry_of"] for t in waiting) == sorted([dead.number, stale_remote.number])
+    links = retried_as(study.get_trials())  # Optuna's retry_history: failed -> retry
+    assert sorted(links) == sorted([dead.number, stale_remote.number]) and sorted(links.values()) == sorted(
+        t.number for t in waiting)
     for retry in waiting:
-        original = by_number[retry.user_attrs["retry_of"]]
-        assert original.state == TrialState.FAIL and original.user_attrs["retried"] is True
+        original = by_number[retry.system_attrs["retry_history"][-1]]
+        assert original.state == TrialState.FAIL and "died" in original.user_attrs["failure"]
         assert retry.system_attrs["fixed_params"] == original.system_attrs["fixed_params"]
-        assert retry.user_attrs["attempt"] == 1 and retry.user_attrs["resume_dir"] == f"trials/{original.number}"
-        # the retry renames the folder to its own: the failed trial's run_dir names where it goes
-        assert original.user_attrs["run_dir"] == f"trials/{retry.number}"
-        assert original.user_attrs["retried_as"] == retry.number
+        assert retry.system_attrs["retry_history"] == [original.number]  # its first retry
+        # the retry pre-trains in the dead attempt's folder: its run_dir is where that work is
+        assert retry.user_attrs["run_dir"] == original.user_attrs["run_dir"] == f"trials/{original.number}"
     assert sweep.remaining(study) == 2
     # the retries die too: max_retries=1 is spent, they fail for good and keep their slots
     retries = [sweep.next_trial(study, "w") for _ in range(2)]
+    assert {t.number for t in retries} == {t.number for t in waiting} and all(
+        t.user_attrs["failure"] is None for t in retries)  # the copied failure of the attempt is cleared
     for retry in retries:
         retry.set_user_attr("owner", {**retry.user_attrs["owner"], "pid": _dead_pid()})
     assert len(sweep.recover(study)) == 2 and sweep.remaining(study) == 0
-    assert all(t.user_attrs["retried"] is False for t in study.get_trials(states=(TrialState.FAIL,))
-               if t.user_attrs.get("attempt") == 1)
+    assert not set(retried_as(study.get_trials())) & {t.number for t in retries}
+    # a worker stopped by a signal (Ctrl-C, scancel) queues its retry without using up max_retries
+    stopped = study.get_trials(states=(TrialState.RUNNING,))[0]
+    sweep.fail(study, stopped, "worker stopped by SIGTERM", stopped=True)
+    again = sweep.next_trial(study, "w")
+    assert study.trials[again.number].system_attrs["retry_history"][-1] == stopped.number
+    assert again.user_attrs["stops"] == 1
+    sweep.fail(study, study.trials[again.number], "worker stopped by SIGTERM", stopped=True)
+    assert retried_as(study.get_trials())[again.number] == again.number + 1  # 2 stops, still retried
     # metrics.json counts every FAIL row of trials.csv, and says how many of them were retried
     from emae.sweep.results import write_results
 
     summary = write_results(sweep, study)
-    table = pd.read_csv(tmp_path / "trials.csv")
-    assert summary["failed"] == (table["state"] == "FAIL").sum() == 4 and summary["retried"] == 2
-    assert json.loads((tmp_path / "metrics.json").read_text())["failed"] == 4
+    table = pd.read_csv(tmp_path / "trials.csv").set_index("number")
+    assert summary["failed"] == (table["state"] == "FAIL").sum() == 6 and summary["retried"] == 4
+    assert json.loads((tmp_path / "metrics.json").read_text())["failed"] == 6
+    assert table.loc[dead.number, "retried_as"] == links[dead.number]
+    assert table.loc[links[dead.number], "retry_of"] == dead.number
 
 
 def _take_trials(out: str, seen: "multiprocessing.Queue", start: "multiprocessing.Barrier") -> None:
@@ -380,21 +394,22 @@ def test_sigkill_mid_trial_then_rerun_keeps_completed_and_retries_the_killed(
     sweep_here(args, capsys)
     after = {t.number: t for t in load_study(out).trials}
     assert after[0].state == TrialState.COMPLETE and after[0].values == before[0].values  # kept
-    assert after[1].state == TrialState.FAIL and after[1].user_attrs["retried"] is True
-    assert "died" in after[1].user_attrs["failure"]
-    retry = next(t for t in after.values() if t.user_attrs.get("retry_of") == 1)
+    assert after[1].state == TrialState.FAIL and "died" in after[1].user_attrs["failure"]
+    retry = next(t for t in after.values() if t.system_attrs.get("retry_history") == [1])
     assert retry.state == TrialState.COMPLETE and retry.params == before[1].params
     # the retry resumed the killed attempt's folder: its first epoch is the one logged before the kill
-    resumed = out / retry.user_attrs["run_dir"]
-    assert resumed.name == str(retry.number) and not (out / "trials" / "1").exists()
-    assert out / after[1].user_attrs["run_dir"] == resumed  # the killed trial's work is there now
+    assert retry.user_attrs["run_dir"] == after[1].user_attrs["run_dir"] == "trials/1"
+    resumed = out / "trials" / "1"
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["0", "1"]
     assert resumed.joinpath("log.jsonl").read_text().splitlines()[0] == first_epoch
     assert len(resumed.joinpath("log.jsonl").read_text().splitlines()) == 2
     worker_logs = "".join(p.read_text(errors="replace") for p in (out / "workers").glob("*.log"))
     assert f"resuming from {resumed}/checkpoints/last.pt" in worker_logs
     complete = [t for t in after.values() if t.state == TrialState.COMPLETE]
     assert len(complete) == 2 and len(after) == 3  # the cap: 2 slots, the failed one handed over
-    assert (out / "plots" / "heatmap.png").exists() and len(pd.read_csv(out / "trials.csv")) == 3
+    table = pd.read_csv(out / "trials.csv").set_index("number")
+    assert len(table) == 3 and table.loc[1, "retried_as"] == retry.number and table.loc[retry.number, "retry_of"] == 1
+    assert (out / "plots" / "heatmap.png").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["failed"], metrics["retried"], metrics["complete"]) == (1, 1, 2)
 

@@ -1,40 +1,69 @@
-"""A sweep as both the coordinator (`emae sweep`) and its workers see it: validated params, the
-search space, the storage, and the rules that decide which trial runs next.
+"""A sweep as the coordinator and its workers see it: validated params and space, the storage,
+and which trial runs next.
 
-The global trial cap: under `study_lock`, a worker first fails dead owners' trials (queueing
-their retries), then asks for a trial only if one is queued (a grid cell or a retry) or, for
-TPE/random, if fewer than `n_trials` slots are taken. A slot is a trial that is complete, pruned,
-running, queued, or failed for good; a failed trial that was retried gives its slot to the retry.
-Counting and `ask` happen under the same lock, so concurrent workers never exceed the cap.
+Storage: `journal` is `<out>/study.journal` (NFS-safe file lock, no server). An RDB URL uses
+Optuna's heartbeat: `fail_stale_trials` fails a RUNNING trial silent for `grace_period` and the
+storage's `RetryHeartbeatStaleTrialCallback` queues it again; on the journal, which has no
+heartbeat, `emae.sweep.liveness` finds the dead owners and the same retry follows.
+The global cap: under `study_lock` a worker fails dead owners' trials, then asks for a trial only
+if one is queued (a grid cell, a retry) or, for TPE/random, fewer than `n_trials` slots are taken
+(complete, pruned, running, queued, or failed for good: a retried failure hands its slot on).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
 import logging
+import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import optuna
-from optuna.storages import BaseStorage
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 from emae.config import Config, load_config
 from emae.errors import ConfigError, EmaeError
-from emae.seeding import derive_seed
-from emae.sweep import liveness, storage as storage_mod
+from emae.sweep import liveness
 from emae.sweep.config import SweepConfig
 from emae.sweep.objective import trial_config
-from emae.sweep.space import SearchSpace
+from emae.sweep.space import PARTS, RATIO, SearchSpace, choices
 
 log = logging.getLogger("emae.sweep")
+# the heartbeat, its retry and metric names are Optuna "experimental" features, used on purpose
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-PARAMS_SNAPSHOT = "params.yaml"  # the resolved params of the sweep; workers read it
+PARAMS_SNAPSHOT, JOURNAL, LOCK, SIGNATURE_ATTR = "params.yaml", "study.journal", "study", "emae_signature"
 # keys that do not change a trial's result and may differ between reruns of a study
 _FREE_KEYS = {("data", "root"), ("data", "num_workers"), ("pretrain", "checkpoint_every_steps"),
               ("pretrain", "log_every_steps"), ("pretrain", "epochs"), ("pretrain", "knn_every_epochs")}
 _SCORING_SECTIONS = {"knn": ("knn",), "linprobe": ("knn", "linprobe")}
+
+
+class StudyMismatchError(EmaeError):
+    pass
+
+
+def metric_names(objective: str, multi_objective: bool) -> list[str]:
+    return [f"{objective}_top1", *(["pretrain_seconds"] if multi_objective else [])]
+
+
+def retried_as(trials: list[FrozenTrial]) -> dict[int, int]:
+    """Failed trial -> its retry (the last entry of the retry's Optuna `retry_history`)."""
+    return {t.system_attrs["retry_history"][-1]: t.number for t in trials if t.system_attrs.get("retry_history")}
+
+
+def retry(study: optuna.Study, trial: FrozenTrial, max_retries: int) -> None:
+    """Optuna's retry of a failed trial (same params, attrs and so folder; WAITING) while it has
+    retries left; stops by a signal (`stops`) use up none."""
+    RetryHeartbeatStaleTrialCallback(max_retry=max_retries + trial.user_attrs.get("stops", 0))(study, trial)
 
 
 @dataclass
@@ -45,29 +74,42 @@ class Progress:
     waiting: int
     failed: int  # every FAIL trial (the FAIL rows of trials.csv)
     retried: int  # of those, the ones handed to a retry
-    slots: int
-
-    @property
-    def failed_for_good(self) -> int:
-        return self.failed - self.retried
 
     @property
     def finished(self) -> int:
-        return self.complete + self.pruned + self.failed_for_good
+        return self.complete + self.pruned + self.failed - self.retried
+
+    @property
+    def slots(self) -> int:
+        return self.finished + self.running + self.waiting
 
 
 def progress(trials: list[FrozenTrial]) -> Progress:
-    states = Counter(t.state for t in trials)
-    retried = sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("retried"))
-    failed = states[TrialState.FAIL]
-    slots = (states[TrialState.COMPLETE] + states[TrialState.PRUNED] + states[TrialState.RUNNING]
-             + states[TrialState.WAITING] + failed - retried)
-    return Progress(states[TrialState.COMPLETE], states[TrialState.PRUNED], states[TrialState.RUNNING],
-                    states[TrialState.WAITING], failed, retried, slots)
+    n = Counter(t.state for t in trials)
+    return Progress(n[TrialState.COMPLETE], n[TrialState.PRUNED], n[TrialState.RUNNING], n[TrialState.WAITING],
+                    n[TrialState.FAIL], len(retried_as(trials)))
+
+
+@contextlib.contextmanager
+def study_lock(out: Path) -> Iterator[None]:
+    """A cross-process (NFS-safe) lock beside the results; a dead holder's lock expires in 30 s."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = JournalFileOpenLock(str(out / LOCK))
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip("."): tree}
+    return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
 
 
 class Sweep:
-    """Validated settings of one study in `out` (nothing is written until `open_study`)."""
+    """Validated settings of one study in `out` (nothing is written until `create_study`)."""
 
     def __init__(self, config: Config, out: Path) -> None:
         self.config, self.out = config, out
@@ -75,86 +117,86 @@ class Sweep:
         self.space = SearchSpace(self.settings, config)
         self.base = config.to_dict()
         self.name = self.settings.study_name or out.resolve().name
-        self._validate()
-
-    @classmethod
-    def from_snapshot(cls, out: Path) -> "Sweep":
-        """What a worker uses: the params the coordinator resolved and wrote into `out`."""
-        path = out / PARAMS_SNAPSHOT
-        if not path.is_file():
-            raise EmaeError(f"{path}: not found; workers are started by `emae sweep -o {out}`")
-        return cls(load_config([path]), out)
-
-    # ------------------------------------------------------------------------- validation
-
-    def _validate(self) -> None:
-        """Everything that can be checked before a trial runs: each point's params, the scoring
-        sections, the data set (a missing folder fails here, not in every trial)."""
+        self.rdb = self.settings.storage != "journal"
         s = self.settings
         for section in _SCORING_SECTIONS[s.objective]:
-            self.config.section(section)
-        if s.objective == "linprobe":
-            try:
-                import emae.eval.linprobe  # noqa: F401
-            except ImportError as err:
-                raise ConfigError(f"sweep.objective = 'linprobe' needs emae.eval.linprobe ({err})") from None
+            config.section(section)
         points = self.space.grid() if s.sampler == "grid" else self._corners()
-        for point in points:
+        for point in points:  # every point's params are valid before any trial runs
             try:
-                trial_config(self.base, s, self.space, point)
+                trial_config(self.base, s, point)
             except ConfigError as err:
                 raise ConfigError(f"sweep.space point {point} gives invalid params:\n{err}") from None
         if s.sampler == "grid" and not points:
             raise ConfigError("sweep.space: the grid has no valid (K, mask ratio) combination")
-        if self.config.data.kind == "imagefolder":
-            for split in ("train", "val"):
-                if not (Path(self.config.data.root) / split).is_dir():
-                    raise EmaeError(f"{Path(self.config.data.root) / split}: data split not found "
-                                    f"(data.root={self.config.data.root!r}; for the embedded set run "
-                                    "`emae prepare`)")
+        for split in ("train", "val") if config.data.kind == "imagefolder" else ():
+            if not (Path(config.data.root) / split).is_dir():
+                raise EmaeError(f"{Path(config.data.root) / split}: data split not found (data.root="
+                                f"{config.data.root!r}; for the embedded set run `emae prepare`)")
+
+    @classmethod
+    def from_snapshot(cls, out: Path) -> "Sweep":
+        """What a worker uses: the params the coordinator resolved and wrote into `out`."""
+        if not (out / PARAMS_SNAPSHOT).is_file():
+            raise EmaeError(f"{out / PARAMS_SNAPSHOT}: not found; workers are started by `emae sweep -o {out}`")
+        return cls(load_config([out / PARAMS_SNAPSHOT]), out)
 
     def _corners(self) -> list[dict[str, Any]]:
-        """A few valid points that reach every dimension's ends (TPE/random validation)."""
+        """Valid points that reach every dimension's ends (TPE/random); K's largest with r's largest."""
         points = []
-        for key, axis in self.space.axes.items():
-            ends = (axis.choices[0], axis.choices[-1]) if axis.choices else (axis.dim.low, axis.dim.high)
-            for value in ends:
+        for key, dist in self.space.dists.items():
+            values = choices(dist) or (dist.low, dist.high)
+            for value in (values[0], values[-1]):
                 point = {key: value}
-                if not self.space.valid(point):  # e.g. K = 8 alone: pair it with the largest ratio
-                    ratio = self.space.axes.get("model.mask_ratio")
-                    point["model.mask_ratio"] = ratio.choices[-1] if ratio else None
-                    point = {k: v for k, v in point.items() if v is not None}
-                if self.space.valid(point):
-                    points.append(point)
+                if key == PARTS and RATIO in self.space.dists and not self.space.valid(point):
+                    point[RATIO] = choices(self.space.dists[RATIO])[-1]
+                points += [point] if self.space.valid(point) else []
         return points
 
     def signature(self) -> dict[str, Any]:
-        """What defines the study's results: the sweep's signature and the base params."""
+        """What defines the study's results: a rerun must match it (n_trials, workers may change)."""
         base = {section: {k: v for k, v in self.base[section].items() if (section, k) not in _FREE_KEYS}
                 for section in ("data", "model", "pretrain", *_SCORING_SECTIONS[self.settings.objective])
                 if section in self.base}
-        return {**self.settings.signature(), "base": base}
+        return json.loads(json.dumps({**self.settings.signature(), "base": base}, sort_keys=True))
 
     @property
     def target(self) -> int:
         """Trials the study should end with (grid: its enqueued cells)."""
         cells = len(self.space.grid()) if self.settings.sampler == "grid" else None
-        if cells is not None:
-            return min(cells, self.settings.n_trials or cells)
-        return self.settings.n_trials
-
-    # --------------------------------------------------------------------------- storage
+        return self.settings.n_trials if cells is None else min(cells, self.settings.n_trials or cells)
 
     def open_storage(self) -> BaseStorage:
-        return storage_mod.open_storage(self.settings.storage, self.out, self.settings.workers)
+        """The journal, or the RDB with Optuna's heartbeat; errors name what could not be opened."""
+        s, url = self.settings, self.settings.storage
+        if not self.rdb:
+            path = str(self.out / JOURNAL)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+            except OSError as err:
+                raise EmaeError(f"sweep.storage: cannot open the journal {path}: {err}") from None
+        if url.startswith("sqlite") and s.workers > 1:
+            raise EmaeError(f"sweep.storage = {url!r}: SQLite cannot serve {s.workers} concurrent workers "
+                            "(Optuna); use 'journal' or a MySQL/PostgreSQL server")
+        try:
+            return RDBStorage(url, engine_kwargs=None if url.startswith("sqlite") else {"pool_pre_ping": True},
+                              heartbeat_interval=math.ceil(s.heartbeat_seconds),
+                              grace_period=math.ceil(s.stale_after_seconds),
+                              heartbeat_stale_trial_callback=partial(retry, max_retries=s.max_retries))
+        except Exception as err:  # noqa: BLE001 - sqlalchemy raises many kinds (ArgumentError, OperationalError, ImportError)
+            message = (str(err).strip() or type(err).__name__).splitlines()[0]
+            raise EmaeError(f"sweep.storage = {url!r}: cannot open this Optuna storage ({type(err).__name__}: "
+                            f"{message}); use 'journal' or a URL such as mysql+pymysql://user:pw@host/db") from None
 
     def sampler(self, worker: str) -> optuna.samplers.BaseSampler:
-        """TPE/random seeded per worker (same seed everywhere would make workers draw alike)."""
+        """TPE/random seeded per worker (one seed everywhere would make workers draw alike)."""
+        from emae.seeding import derive_seed
+
         seed = derive_seed(self.settings.seed, "sampler", worker) % (2**32)
         if self.settings.sampler == "tpe":
             return optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.settings.tpe.n_startup_trials)
-        # grid cells are enqueued; random draws the rest (it never runs for a grid study)
-        return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.RandomSampler(seed=seed)  # grid cells are enqueued: it never draws them
 
     def pruner(self) -> optuna.pruners.BasePruner:
         s = self.settings
@@ -164,46 +206,94 @@ class Sweep:
                                            n_warmup_steps=s.median_pruner.n_warmup_steps)
 
     def create_study(self, storage: BaseStorage) -> tuple[optuna.Study, bool]:
-        """Create the study (grid: enqueue its cells) or reopen it (signature checked)."""
+        """Create the study (grid: enqueue its cells) or reopen it (signature checked). (study, new)"""
         s = self.settings
-        with storage_mod.study_lock(self.out):
-            study, new = storage_mod.create_or_load(storage, self.name, self.signature(), s.multi_objective,
-                                                    s.objective, self.sampler("coordinator"), self.pruner())
-            if new:
-                study.set_user_attr("seed", s.seed)
-                if s.sampler == "grid":
-                    for cell in self.space.grid()[: self.target]:
-                        study.enqueue_trial(self.space.to_optuna(cell))
-                    study.set_user_attr("grid_cells", self.target)
-        return study, new
+        with study_lock(self.out):
+            if self.name in {x.study_name for x in optuna.get_all_study_summaries(storage, include_best_trial=False)}:
+                return self.load_study(storage, "coordinator"), False
+            study = optuna.create_study(study_name=self.name, storage=storage, sampler=self.sampler("coordinator"),
+                                        pruner=self.pruner(), directions=["maximize", "minimize"][: 1 + s.multi_objective])
+            study.set_metric_names(metric_names(s.objective, s.multi_objective))
+            study.set_user_attr(SIGNATURE_ATTR, self.signature())
+            for cell in self.space.grid()[: self.target] if s.sampler == "grid" else ():
+                study.enqueue_trial({self.space.name(k): v for k, v in cell.items()})
+        return study, True
 
-    def load_study(self, storage: BaseStorage, worker: str) -> optuna.Study:
-        study = storage_mod.load(storage, self.name, self.sampler(worker), self.pruner())
-        storage_mod.check_signature(study, self.signature())
+    def load_study(self, storage: BaseStorage, worker: str, check: bool = True) -> optuna.Study:
+        try:
+            study = optuna.load_study(study_name=self.name, storage=storage, sampler=self.sampler(worker),
+                                      pruner=self.pruner())
+        except KeyError:
+            raise EmaeError(f"study {self.name!r} not found in its storage (run `emae sweep` first)") from None
+        if check:
+            self.check_signature(study)
         return study
 
-    # ------------------------------------------------------------------------------ trials
+    def check_signature(self, study: optuna.Study) -> None:
+        """Refuse to continue a study with another space / objective / base params (names the keys)."""
+        if (stored := study.user_attrs.get(SIGNATURE_ATTR)) is None:
+            raise StudyMismatchError(f"study {study.study_name!r} exists but was not created by `emae sweep` "
+                                     "(no recorded search space); use another study name")
+        old, new = _flatten(stored), _flatten(self.signature())
+        changed = [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+                   for k in sorted(old.keys() | new.keys()) if old.get(k, KeyError) != new.get(k, KeyError)]
+        if changed:
+            what = "another search space" if any(c.startswith("space") for c in changed) else "other settings"
+            raise StudyMismatchError(
+                f"study {study.study_name!r} exists with {what}; nothing was changed. Differences (stored -> now):\n  "
+                + "\n  ".join(changed[:20]) + ("\n  ..." if len(changed) > 20 else "")
+                + "\nRestore those params, or use another output folder / sweep.study_name for a new study.")
 
     def remaining(self, study: optuna.Study) -> int:
         """Trials that still have to be started (queued ones and free slots)."""
         p = progress(study.get_trials(deepcopy=False))
-        free = 0 if self.settings.sampler == "grid" else max(self.target - p.slots, 0)
-        return p.waiting + free
+        return p.waiting + (0 if self.settings.sampler == "grid" else max(self.target - p.slots, 0))
 
-    def recover(self, study: optuna.Study) -> list[tuple[int, str]]:
-        """Fail (and retry) trials whose owner died. Call under `study_lock`."""
-        s = self.settings
-        found = liveness.recover_stale(study, self.out, s.stale_after_seconds, s.max_retries)
-        for number, reason in found:
-            log.warning("trial %d: %s", number, reason)
-        return found
+    def recover(self, study: optuna.Study) -> list[int]:
+        """Fail (and retry) the RUNNING trials whose owner died; returns their numbers. Under `study_lock`."""
+        if not self.rdb:
+            dead = liveness.dead_trials(study, self.out, self.settings.stale_after_seconds)
+            for trial, reason in dead:
+                self.fail(study, trial, reason)
+            return [t.number for t, _ in dead]
+        running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+        optuna.storages.fail_stale_trials(study)  # Optuna's heartbeat; the storage's callback retries
+        failed = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+        for number in (dead := [n for n in running if n in failed]):
+            log.warning("trial %d: no heartbeat for %g s: failed", number, self.settings.stale_after_seconds)
+        return dead
+
+    def fail(self, study: optuna.Study, trial: FrozenTrial, reason: str, stopped: bool = False) -> None:
+        """Fail a RUNNING trial of any owner with `reason` and queue its retry. Under `study_lock`."""
+        storage, tid = study._storage, trial._trial_id  # noqa: SLF001 - a trial this process may not own
+        try:
+            storage.set_trial_user_attr(tid, "failure", reason)
+            if stopped:
+                storage.set_trial_user_attr(tid, "stops", trial.user_attrs.get("stops", 0) + 1)
+            study.tell(trial.number, state=TrialState.FAIL)
+        except (ValueError, RuntimeError):
+            return  # finished meanwhile (its owner was alive after all): nothing to recover
+        log.warning("trial %d: %s", trial.number, reason)
+        retry(study, copy.deepcopy(storage.get_trial(tid)), self.settings.max_retries)  # as Optuna does
 
     def next_trial(self, study: optuna.Study, worker: str) -> optuna.Trial | None:
-        """The next trial for `worker` (owner recorded), or None when the study needs no more."""
-        with storage_mod.study_lock(self.out):
+        """The next trial for `worker` (owner recorded, first heartbeat), or None when none is needed."""
+        with study_lock(self.out):
             self.recover(study)
             if self.remaining(study) == 0:
                 return None
-            trial = study.ask()
+            with warnings.catch_warnings():  # an RDB heartbeat outside study.optimize: the worker beats
+                warnings.simplefilter("ignore", UserWarning)
+                trial = study.ask()
             trial.set_user_attr("owner", liveness.owner_record(worker))
+            if trial.user_attrs.get("failure"):  # a retry: the attrs it copied from the attempt it retries
+                trial.set_user_attr("failure", None)
+            self.beat(trial)
         return trial
+
+    def beat(self, trial: optuna.Trial) -> None:
+        """One heartbeat of a running trial: Optuna's (RDB) or the journal's heartbeat file."""
+        if self.rdb:
+            trial.storage.record_heartbeat(trial._trial_id)  # noqa: SLF001
+        else:
+            liveness.touch(self.out, trial.number)

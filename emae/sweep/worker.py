@@ -2,20 +2,20 @@
 
     python -m emae.launch._entry emae.sweep.worker:main --out results/sweeps/<study> --worker 0
 
-`emae sweep` starts N of them (local processes, or a submitit job array); any number may run on
-one storage at once. A SIGTERM/SIGINT (Ctrl-C, scancel, a SLURM time limit) fails the running
-trial and queues its retry before the worker exits; a SIGKILL leaves it RUNNING until the next
-worker or coordinator sees its owner dead (`emae.sweep.liveness`).
+`emae sweep` starts N of them (local processes, or a submitit job array); any number may share
+one storage. A SIGTERM/SIGINT (Ctrl-C, scancel, a SLURM time limit) fails the running trial and
+queues its retry before the worker exits; after a SIGKILL the trial stays RUNNING until its owner
+is found dead (the journal: `emae.sweep.liveness`; an RDB: Optuna's heartbeat).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from emae.errors import EmaeError, run_reporting_errors
 from emae.sweep import liveness
 from emae.sweep.objective import run_trial
-from emae.sweep.study import Sweep
+from emae.sweep.study import Sweep, study_lock
 
 log = logging.getLogger("emae.sweep")
 
@@ -33,30 +33,20 @@ ENTRY = "emae.sweep.worker:main"
 
 
 class Stopped(BaseException):
-    """A termination signal arrived (BaseException: the objective's `except Exception` lets it by)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
+    """A termination signal (BaseException: the objective's `except Exception` lets it by)."""
 
 
 def _raise_stopped(signum: int, frame: Any) -> None:
     raise Stopped(signum)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", "-o", required=True, help="the sweep folder (written by `emae sweep`)")
-    parser.add_argument("--worker", default=str(os.getpid()), help="this worker's name in trial records")
-    parser.add_argument("--parent-pid", type=int, default=None,
-                        help="exit when this process (the local coordinator) is gone")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="emae-sweep-worker", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    return run_reporting_errors(run, args)
+    parser.add_argument("--out", "-o", required=True, help="the sweep folder (written by `emae sweep`)")
+    parser.add_argument("--worker", default=str(os.getpid()), help="this worker's name in trial records")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process (the local coordinator) is gone")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    return run_reporting_errors(run, parser.parse_args(sys.argv[1:] if argv is None else argv))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,72 +58,46 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _raise_stopped)
-    out = Path(args.out)
-    sweep = Sweep.from_snapshot(out)
+    sweep = Sweep.from_snapshot(Path(args.out))
     study = sweep.load_study(sweep.open_storage(), args.worker)
     ran = 0
-    with liveness.Heartbeat(out, sweep.settings.heartbeat_seconds, args.parent_pid) as heartbeat:
-        while True:
-            trial = sweep.next_trial(study, args.worker)
-            if trial is None:
-                break
-            heartbeat.number = trial.number
-            heartbeat.beat()
+    with liveness.Heartbeat(sweep.settings.heartbeat_seconds, args.parent_pid) as heartbeat:
+        while (trial := sweep.next_trial(study, args.worker)) is not None:
+            heartbeat.beat = lambda: sweep.beat(trial)  # noqa: B023 - reset before the next trial
             try:
                 _run_one(study, trial, sweep)
             except Stopped as stop:
-                _stopped(study, trial, sweep, stop.signum)
-                return 128 + stop.signum
+                name = signal.Signals(stop.args[0]).name
+                with study_lock(sweep.out):
+                    sweep.fail(study, trial.storage.get_trial(trial._trial_id), f"worker stopped by {name}", stopped=True)  # noqa: SLF001
+                return 128 + stop.args[0]
             finally:
-                heartbeat.number = None
-                liveness.heartbeat_path(out, trial.number).unlink(missing_ok=True)
+                heartbeat.beat = None
+                liveness.heartbeat_path(sweep.out, trial.number).unlink(missing_ok=True)
             ran += 1
     log.info("no more trials to run (%d run here)", ran)
     return 0
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, values: Any = None, state: TrialState | None = None) -> bool:
-    """`study.tell`, unless someone finished the trial meanwhile (it was taken for dead: a stale
-    heartbeat); then its retry carries on and this result is dropped."""
-    try:
-        study.tell(trial, values, state=state)
-        return True
-    except (ValueError, RuntimeError) as err:
-        log.warning("trial %d was finished by someone else (%s); its retry stands", trial.number, err)
-        return False
-
-
 def _run_one(study: optuna.Study, trial: optuna.Trial, sweep: Sweep) -> None:
+    """Run and tell one trial. If someone finished it meanwhile (taken for dead: a stale heartbeat),
+    its retry carries on and this result is dropped (`skip_if_finished`)."""
     log.info("trial %d starts", trial.number)
+    values, state = None, TrialState.COMPLETE
     try:
         values = run_trial(trial, sweep.out, sweep.base, sweep.settings, sweep.space)
     except optuna.TrialPruned as pruned:
-        if _tell(study, trial, state=TrialState.PRUNED):
-            log.info("trial %d pruned: %s", trial.number, pruned)
+        values, state = str(pruned), TrialState.PRUNED
     except Exception as err:  # noqa: BLE001 - a failing point must not stop the sweep
-        # a trial that raises fails the same way again: recorded, not retried
-        log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
-        try:
+        log.exception("trial %d failed (it would fail again: not retried)", trial.number)
+        with contextlib.suppress(RuntimeError):  # finished meanwhile
             trial.set_user_attr("failure", f"{type(err).__name__}: {err}"[:2000])
-            trial.set_user_attr("retried", False)
-        except RuntimeError:
-            pass  # finished meanwhile (see _tell)
-        _tell(study, trial, state=TrialState.FAIL)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         if not isinstance(err, (EmaeError, RuntimeError, ValueError, ArithmeticError)):
             raise  # a bug (TypeError, KeyError, ...): stop this worker, do not burn the study
-    else:
-        if _tell(study, trial, values):
-            log.info("trial %d complete: %s", trial.number, values)
-
-
-def _stopped(study: optuna.Study, trial: optuna.Trial, sweep: Sweep, signum: int) -> None:
-    from emae.sweep.storage import study_lock
-
-    frozen = study._storage.get_trial(trial._trial_id)  # noqa: SLF001
-    if frozen.state != TrialState.RUNNING:
         return
-    with study_lock(sweep.out):
-        liveness.fail_and_retry(study, frozen, f"worker stopped by {signal.Signals(signum).name}",
-                                sweep.settings.max_retries, counts=False)
-    log.warning("trial %d interrupted by %s: failed, retry queued", trial.number,
-                signal.Signals(signum).name)
+    told = study.tell(trial, None if state == TrialState.PRUNED else values, state=state, skip_if_finished=True)
+    if told.state != state:
+        log.warning("trial %d was finished by someone else; its retry stands", trial.number)
+    else:
+        log.info("trial %d %s: %s", trial.number, state.name.lower(), values)
