@@ -18,7 +18,7 @@ from test_local_slurm import FAST, job_field, start_now_if_delayed
 UP, WHY = slurm_is_up()
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300), pytest.mark.skipif(not UP, reason=WHY)]
 
-ENTRY = "emae.cli:main"
+ENTRY = "emae"  # the default entry: the emae program, `python -m emae`, run in-process in the job
 
 
 def pretrain_argv(out: Path, overrides: list[str]) -> list[str]:

@@ -1,5 +1,6 @@
 """``python -m emae.launch._entry MODULE:FUNCTION ARGS...``: how a ``kind: local`` launch runs a
-command in a subprocess (also under torchrun for local DDP)."""
+function entry (selftest, sweep workers) in a subprocess, also under torchrun for local DDP; the
+default entry, the emae program, runs as ``python -m emae ARGS``."""
 
 from __future__ import annotations
 

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from emae.config import dump_yaml, read_yaml
 from emae.errors import ConfigError
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "workflow" / "profiles" / "slurm"
@@ -90,7 +89,7 @@ def install(dest: Path, partition: str | None, account: str | None, qos: str | N
         raise ConfigError(f"{template}: no profile template (config.yaml) here")
     if dest.exists() and any(dest.iterdir()) and not force:
         raise ConfigError(f"{dest}: a profile is already there; pass --force to overwrite it")
-    settings = yaml.safe_load((template / CONFIG).read_text())
+    settings = read_yaml(template / CONFIG)
     launcher = settings["launcher"]
     resources = launcher.setdefault("resources", {})
     for key, value in (("partition", partition), ("account", account), ("qos", qos)):
@@ -107,7 +106,7 @@ def install(dest: Path, partition: str | None, account: str | None, qos: str | N
         header += f"# Resources capped to fit {result.partition}.\n"
     from emae.io import atomic_write_text
 
-    atomic_write_text(dest / CONFIG, header + yaml.safe_dump(settings, sort_keys=False))
+    atomic_write_text(dest / CONFIG, header + dump_yaml(settings))
     return result
 
 
