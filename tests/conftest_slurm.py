@@ -112,19 +112,31 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def slurm_is_up() -> tuple[bool, str]:
-    """(True, "") when sinfo shows a usable node, else (False, why)."""
+# The multi-node cluster of `tools/local-slurm.sh up --nodes 2` (beside the single-node one): its
+# clients find it through SLURM_CONF.
+MULTINODE_CONF = Path(os.environ.get("EMAE_SLURM_MULTI_STATE", "/var/lib/emae-local-slurm-multi")) / "etc" / "slurm.conf"
+
+
+def slurm_is_up(conf: Path | None = None, nodes: int = 1) -> tuple[bool, str]:
+    """(True, "") when sinfo (of the cluster configured by `conf`; None: the default one) shows
+    `nodes` usable nodes, else (False, why)."""
+    start = "tools/local-slurm.sh up" + (f" --nodes {nodes}" if conf is not None else "")
     if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
         return False, "no SLURM client (sinfo/sbatch) on this machine"
+    if conf is not None and not conf.exists():
+        return False, f"no {nodes}-node cluster is configured ({conf} does not exist); start one with: {start}"
+    env = None if conf is None else {**os.environ, "SLURM_CONF": str(conf)}
     try:
-        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=20)
+        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=20, env=env)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, f"sinfo failed: {exc}"
     if proc.returncode != 0:
-        return False, f"no SLURM controller answers sinfo ({proc.stderr.strip()[:200]}); start one with: tools/local-slurm.sh up"
+        return False, f"no SLURM controller answers sinfo ({proc.stderr.strip()[:200]}); start one with: {start}"
     states = [s.strip().rstrip("*~#!%$@^-") for s in proc.stdout.split()]
-    if not any(s in ("idle", "mixed", "allocated", "completing") for s in states):
-        return False, f"no SLURM node is up (sinfo states: {states}); start one with: tools/local-slurm.sh up"
+    usable = sum(s in ("idle", "mixed", "allocated", "completing") for s in states)
+    if usable < nodes:
+        what = "no SLURM node is up" if nodes == 1 else f"{usable} of the {nodes} nodes needed are up"
+        return False, f"{what} (sinfo states: {states}); start one with: {start}"
     return True, ""
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# tools/local-slurm.sh: a real single-node SLURM cluster on Debian/Ubuntu, as root, without systemd.
+# tools/local-slurm.sh: a real SLURM cluster on Debian/Ubuntu, as root, without systemd: one node, or
+# N nodes on this one machine, each in its own network namespace.
 #
-#   tools/local-slurm.sh up [--no-accounting]   # install (apt) if needed, configure, start, wait for the node
-#   tools/local-slurm.sh status                 # daemons, sinfo, squeue
-#   tools/local-slurm.sh down                   # cancel jobs, stop the daemons it started (by recorded pid)
+#   tools/local-slurm.sh up [--no-accounting] [--nodes N]  # install (apt) if needed, configure, start, wait for the nodes
+#   tools/local-slurm.sh status [--nodes N]                # daemons, sinfo, squeue
+#   tools/local-slurm.sh down [--nodes N]                  # cancel jobs, stop the daemons it started (by recorded pid)
 #
 # Daemons run in the foreground (-D / -F) started in the background; their pids are recorded under
 # the state dir ($EMAE_SLURM_STATE, default /var/lib/emae-local-slurm) and `down` stops exactly those
@@ -20,19 +21,63 @@
 # Environment: EMAE_SLURM_STATE (state dir), EMAE_SLURM_UP_TIMEOUT (seconds to wait for the node,
 # default 120), EMAE_SLURM_CLUSTER (cluster name, default emae), EMAE_SLURM_ACCOUNT (default emae),
 # EMAE_SLURM_FORCE=1 (overwrite a foreign /etc/slurm/slurm.conf after backing it up).
+#
+# --nodes N (2..16): a second, independent cluster that runs beside the single-node one (so both can be
+# up at once): its own state dir ($EMAE_SLURM_MULTI_STATE, default /var/lib/emae-local-slurm-multi),
+# config ($STATE/etc/slurm.conf: clients reach it with SLURM_CONF=that file; `status --nodes 2` prints
+# it), munged (own socket, the machine's key), MariaDB + slurmdbd (port 6829), slurmctld on the host
+# (port 6827) and N slurmd, node i in network namespace emae-n<i> with hostname emae-n<i> (unshare --uts),
+# address $EMAE_SLURM_SUBNET.(10+i) (default subnet 10.217.0) on a veth pair onto bridge emae-br
+# ($EMAE_SLURM_SUBNET.1, the controller's address), /etc/netns/emae-n<i>/hosts naming every node. What
+# `up` creates (namespaces, links, hosts files) is recorded in $STATE/created and `down` removes exactly
+# that. --nodes 1 (the default) is the single-node cluster; `down`/`status` take --nodes N (any N >= 2:
+# the multi-node cluster) to choose which.
 set -euo pipefail
 
-STATE=${EMAE_SLURM_STATE:-/var/lib/emae-local-slurm}
-CONF_DIR=/etc/slurm
+SINGLE_STATE=${EMAE_SLURM_STATE:-/var/lib/emae-local-slurm}
+MULTI_STATE=${EMAE_SLURM_MULTI_STATE:-/var/lib/emae-local-slurm-multi}
 UP_TIMEOUT=${EMAE_SLURM_UP_TIMEOUT:-120}
-CLUSTER=${EMAE_SLURM_CLUSTER:-emae}
 ACCOUNT=${EMAE_SLURM_ACCOUNT:-emae}
 MARKER="# managed by emae tools/local-slurm.sh"
-RUN=$STATE/run
-LOG=$STATE/log
-MYSQL_DIR=$STATE/mysql
-MYSQL_RUN=$STATE/mysqld
-MYSQL_SOCK=$MYSQL_RUN/mysqld.sock
+SUBNET=${EMAE_SLURM_SUBNET:-10.217.0}  # the multi-node cluster's /24: bridge .1, node i .(10+i)
+BRIDGE=emae-br
+NODE_PREFIX=emae-n
+MULTI_CTLD_PORT=6827  # beside the single-node cluster's 6817 (slurmctld) and 6819 (slurmdbd)
+MULTI_DBD_PORT=6829
+MAX_NODES=16
+
+# select_instance NODES: the paths of the single-node (1) or the multi-node (>= 2) cluster
+select_instance() {
+  NODES=$1
+  if ((NODES == 1)); then
+    MULTI=0
+    STATE=$SINGLE_STATE
+    CONF_DIR=/etc/slurm
+    CLUSTER=${EMAE_SLURM_CLUSTER:-emae}
+    MUNGE_SOCK=""  # the machine's munged (/run/munge)
+  else
+    MULTI=1
+    STATE=$MULTI_STATE
+    CONF_DIR=$STATE/etc
+    CLUSTER=${EMAE_SLURM_CLUSTER:-emae}_multi
+    MUNGE_SOCK=$STATE/munge/munge.socket.2
+    # every SLURM command of this script (and the daemons it starts) reads this cluster's config
+    export SLURM_CONF=$CONF_DIR/slurm.conf
+  fi
+  RUN=$STATE/run
+  LOG=$STATE/log
+  MYSQL_DIR=$STATE/mysql
+  MYSQL_RUN=$STATE/mysqld
+  MYSQL_SOCK=$MYSQL_RUN/mysqld.sock
+}
+
+# node_names: the cluster's node names, one a line (multi-node: the recorded count when it is up)
+node_names() {
+  if ((MULTI == 0)); then hostname -s; return 0; fi
+  local n i
+  n=$(cat "$STATE/nodes" 2>/dev/null || echo "$NODES")
+  for i in $(seq 1 "$n"); do echo "$NODE_PREFIX$i"; done
+}
 
 say() { printf 'local-slurm: %s\n' "$*"; }
 die() { printf 'local-slurm: error: %s\n' "$*" >&2; exit 1; }
@@ -58,12 +103,13 @@ alive() {
   [[ $(readlink "/proc/$pid/exe" 2>/dev/null || true) == "$exe"* ]]
 }
 
-# start NAME LOGFILE CMD...: run CMD (a foreground daemon, possibly behind setsid/setpriv/env) in the
-# background and record its pid and executable (the daemon binary is NAME, mariadb: mariadbd)
+# start NAME LOGFILE CMD...: run CMD (a foreground daemon, possibly behind setsid/setpriv/env/ip netns
+# exec) in the background and record its pid and executable (the daemon binary is NAME without an
+# @node suffix, mariadb: mariadbd)
 start() {
   local name=$1 logfile=$2
   shift 2
-  local bin=$name
+  local bin=${name%%@*}
   [[ $name == mariadb ]] && bin=mariadbd
   local expected
   expected=$(readlink -f "$(command -v "$bin")")
@@ -155,20 +201,47 @@ install_packages() {
 }
 
 # --------------------------------------------------------------------------------------------- munge
-munge_works() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
+munge_works() {
+  local sock=()
+  [[ -n $MUNGE_SOCK ]] && sock=(--socket="$MUNGE_SOCK")
+  munge "${sock[@]}" -n 2>/dev/null | unmunge "${sock[@]}" >/dev/null 2>&1
+}
+
+create_munge_key() {
+  [[ -s /etc/munge/munge.key ]] && return 0
+  say "creating /etc/munge/munge.key"
+  mkdir -p /etc/munge
+  if command -v mungekey >/dev/null; then mungekey --create --keyfile=/etc/munge/munge.key --force
+  else dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none; fi
+  chown munge:munge /etc/munge /etc/munge/munge.key
+  chmod 700 /etc/munge
+  chmod 400 /etc/munge/munge.key
+}
+
+# the multi-node cluster's own munged (the machine's key, its own socket): it does not depend on the
+# single-node cluster's, or the machine's, munged staying up
+start_own_munge() {
+  if alive munged && munge_works; then return 0; fi
+  create_munge_key
+  local dir=${MUNGE_SOCK%/*}
+  mkdir -p "$dir"
+  chown munge:munge "$dir"
+  chmod 755 "$dir"
+  rm -f "$MUNGE_SOCK" "$MUNGE_SOCK.lock"
+  start munged "$LOG/munged.log" setpriv --reuid=munge --regid=munge --init-groups \
+    munged -F --force --socket="$MUNGE_SOCK" --key-file=/etc/munge/munge.key \
+    --pid-file="$dir/munged.pid" --seed-file="$dir/munged.seed" --log-file="$LOG/munged.log"
+  wait_for 20 munge munge_works || fail_up "munged did not come up"
+}
 
 start_munge() {
+  if ((MULTI)); then start_own_munge; return 0; fi
   if alive munged && munge_works; then return 0; fi
   if munge_works; then
     say "using the munged already running on this machine (not started by this script)"
     return 0
   fi
-  if [[ ! -s /etc/munge/munge.key ]]; then
-    say "creating /etc/munge/munge.key"
-    mkdir -p /etc/munge
-    if command -v mungekey >/dev/null; then mungekey --create --keyfile=/etc/munge/munge.key --force
-    else dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none; fi
-  fi
+  create_munge_key
   mkdir -p /run/munge /var/lib/munge /var/log/munge
   chown munge:munge /etc/munge /etc/munge/munge.key /run/munge /var/lib/munge /var/log/munge
   chmod 700 /etc/munge
@@ -209,7 +282,8 @@ write_conf() {
   cpus=$(sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' <<<"$layout")
   mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$layout")
   [[ -n $cpus && -n $mem ]] || die "could not read the node layout from 'slurmd -C': $layout"
-  real=$((mem * 9 / 10))
+  # the nodes of a multi-node cluster share this machine's memory (each has all its CPUs)
+  real=$((mem * 9 / 10 / NODES))
   # DefMemPerCPU: without it a job is given all the node's memory and blocks every other job.
   # Half a CPU's share: two jobs may share a core (OverSubscribe=FORCE:2) and still fit.
   defmem=$((real / cpus / 2))
@@ -225,30 +299,51 @@ write_conf() {
       die "$CONF_DIR/slurm.conf exists and was not written by this script; set EMAE_SLURM_FORCE=1 to back it up and replace it"
     fi
   fi
-  local acct_lines
+  local acct_lines ctl_addr=127.0.0.1 daemon_lines node_lines slurmd_spool=$STATE/slurmd
+  local node_layout
+  node_layout="$(sed -e 's/^NodeName=[^ ]* //' -e 's/RealMemory=[0-9]*//' <<<"$layout") RealMemory=$real Gres=gpu:1 State=UNKNOWN"
+  if ((MULTI)); then
+    # the controller on the host, reached from the nodes' namespaces at the bridge's address; one slurmd
+    # a node (%n: its node name) in its own namespace, so each has the default slurmd port to itself
+    ctl_addr=$SUBNET.1
+    slurmd_spool=$STATE/slurmd/%n
+    daemon_lines="SlurmctldPort=$MULTI_CTLD_PORT
+AuthInfo=socket=$MUNGE_SOCK
+SlurmdPidFile=$RUN/slurmd-%n.daemon.pid
+SlurmdLogFile=$LOG/slurmd-%n.log"
+    local i
+    node_lines=$(for i in $(seq 1 "$NODES"); do
+      echo "NodeName=$NODE_PREFIX$i NodeHostname=$NODE_PREFIX$i NodeAddr=$SUBNET.$((10 + i)) $node_layout"
+    done)
+  else
+    daemon_lines="SlurmdPidFile=$RUN/slurmd.daemon.pid
+SlurmdLogFile=$LOG/slurmd.log"
+    node_lines="NodeName=$host NodeAddr=127.0.0.1 $node_layout"
+  fi
   if [[ $accounting == yes ]]; then
     acct_lines="AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStorageTRES=gres/gpu
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30"
+    # AccountingStoragePass: the munged socket of connections to slurmdbd (AuthInfo is not used for them)
+    ((MULTI)) && acct_lines+=$'\n'"AccountingStoragePort=$MULTI_DBD_PORT"$'\n'"AccountingStoragePass=$MUNGE_SOCK"
   else
     acct_lines="AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none"
   fi
   cat >"$CONF_DIR/slurm.conf" <<EOF
-$MARKER (mode: accounting=$accounting); rewritten by \`up\`
+$MARKER (mode: accounting=$accounting, nodes=$NODES); rewritten by \`up\`
 ClusterName=$CLUSTER
-SlurmctldHost=$host(127.0.0.1)
+SlurmctldHost=$host($ctl_addr)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 StateSaveLocation=$STATE/slurmctld
-SlurmdSpoolDir=$STATE/slurmd
+SlurmdSpoolDir=$slurmd_spool
 SlurmctldPidFile=$RUN/slurmctld.daemon.pid
-SlurmdPidFile=$RUN/slurmd.daemon.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+$daemon_lines
 SlurmctldDebug=info
 SlurmdDebug=info
 # no cgroups needed (containers, laptops without systemd)
@@ -270,7 +365,7 @@ SchedulerParameters=bf_interval=5
 GresTypes=gpu
 $acct_lines
 JobCompType=jobcomp/none
-NodeName=$host NodeAddr=127.0.0.1 $(sed -e 's/^NodeName=[^ ]* //' -e 's/RealMemory=[0-9]*//' <<<"$layout") RealMemory=$real Gres=gpu:1 State=UNKNOWN
+$node_lines
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2
 EOF
   cat >"$CONF_DIR/gres.conf" <<EOF
@@ -279,11 +374,15 @@ $MARKER
 Name=gpu File=/dev/null
 EOF
   if [[ $accounting == yes ]]; then
+    local dbd_lines=""
+    ((MULTI)) && dbd_lines="DbdPort=$MULTI_DBD_PORT
+AuthInfo=socket=$MUNGE_SOCK"
     cat >"$CONF_DIR/slurmdbd.conf" <<EOF
 $MARKER
 DbdHost=localhost
 SlurmUser=root
 AuthType=auth/munge
+$dbd_lines
 PidFile=$RUN/slurmdbd.daemon.pid
 LogFile=$LOG/slurmdbd.log
 DebugLevel=info
@@ -318,37 +417,191 @@ start_slurmdbd() {
   say "cluster '$CLUSTER', account '$ACCOUNT' registered"
 }
 
-# ------------------------------------------------------------------------------------------- node
-node_state() { sinfo -h -N -o '%T' 2>/dev/null | head -n 1; }
+# --------------------------------------------------------------------------------------- network
+# The multi-node cluster's network: bridge $BRIDGE ($SUBNET.1, on the host: the controller's address)
+# and, per node, namespace emae-n<i> holding one end (eth0, $SUBNET.(10+i)) of a veth pair whose
+# other end (emae-n<i>h) is on the bridge. Each thing is recorded in $STATE/created as it is made.
 
-wait_node_idle() {
-  local deadline=$((SECONDS + UP_TIMEOUT)) state="" resumed=0
-  while ((SECONDS < deadline)); do
-    state=$(node_state || true)
-    case $state in
-      idle | mixed | allocated | completing) say "node $(hostname -s) is $state"; return 0 ;;
-      down* | drain* | fail*)
-        # a node left down by an earlier run: resume it once (ReturnToService=2 usually does it)
-        if ((resumed == 0)) && alive slurmd; then
-          scontrol update nodename="$(hostname -s)" state=resume >/dev/null 2>&1 || true
-          resumed=1
-        fi ;;
-    esac
-    for d in slurmctld slurmd; do alive "$d" || fail_up "$d exited during start-up"; done
-    sleep 0.5
-  done
-  fail_up "the node did not become idle within ${UP_TIMEOUT}s (last state: '${state:-none}'; sinfo: $(sinfo -N 2>&1 | tr '\n' ' '))"
+record() { echo "$*" >>"$STATE/created"; }
+
+link_exists() { ip link show "$1" >/dev/null 2>&1; }
+netns_exists() { ip netns list 2>/dev/null | awk '{print $1}' | grep -qx "$1"; }
+
+hosts_file() {  # the /etc/hosts the processes of every node's namespace see (ip netns exec binds it too)
+  local n i
+  echo "$MARKER"
+  echo "127.0.0.1 localhost"
+  echo "$SUBNET.1 $(hostname -s)"
+  n=$(cat "$STATE/nodes")
+  for i in $(seq 1 "$n"); do echo "$SUBNET.$((10 + i)) $NODE_PREFIX$i"; done
 }
 
+net_up() {
+  local node i=0 ns
+  command -v ip >/dev/null || die "the multi-node cluster needs iproute2 (ip): apt-get install iproute2"
+  command -v unshare >/dev/null || die "the multi-node cluster needs unshare (util-linux)"
+  # refuse to take over what someone else made with our names
+  link_exists "$BRIDGE" && die "a network link named $BRIDGE exists that this script did not record (see $STATE/created): remove it first (ip link del $BRIDGE)"
+  for node in $(node_names); do
+    netns_exists "$node" && die "a network namespace named $node exists that this script did not record: remove it first (ip netns del $node)"
+    link_exists "${node}h" && die "a network link named ${node}h exists that this script did not record: remove it first (ip link del ${node}h)"
+    [[ -e /etc/netns/$node ]] && die "/etc/netns/$node exists and was not made by this script: remove it first"
+  done
+  ip link add "$BRIDGE" type bridge
+  record link "$BRIDGE"
+  # bridged frames skip iptables (br_netfilter + a FORWARD DROP policy, e.g. Docker's, would drop them)
+  ip link set "$BRIDGE" type bridge nf_call_iptables 0 nf_call_ip6tables 0 2>/dev/null || true
+  ip addr add "$SUBNET.1/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  for node in $(node_names); do
+    i=$((i + 1))
+    ns=$node
+    ip netns add "$ns"
+    record netns "$ns"
+    ip link add "${node}h" type veth peer name eth0 netns "$ns"
+    record link "${node}h"
+    ip link set "${node}h" master "$BRIDGE" up
+    ip -n "$ns" addr add "$SUBNET.$((10 + i))/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" link set lo up
+    [[ -d /etc/netns ]] || { mkdir /etc/netns; record dir /etc/netns; }
+    mkdir "/etc/netns/$ns"
+    record dir "/etc/netns/$ns"
+    hosts_file >"/etc/netns/$ns/hosts"
+  done
+  say "network: bridge $BRIDGE ($SUBNET.1), nodes $(node_names | tr '\n' ' ')in their namespaces"
+}
+
+# stop_netns_processes NS: what still runs in the namespace (job steps that outlived slurmd), by pid
+stop_netns_processes() {
+  local ns=$1 pids
+  pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ' || true)
+  [[ -z ${pids// /} ]] && return 0
+  say "stopping what still runs in namespace $ns (pids $pids)"
+  kill -TERM $pids 2>/dev/null || true
+  for _ in $(seq 1 50); do
+    [[ -z $(ip netns pids "$ns" 2>/dev/null) ]] && return 0
+    sleep 0.1
+  done
+  kill -KILL $(ip netns pids "$ns" 2>/dev/null) 2>/dev/null || true
+}
+
+# net_down: remove what net_up recorded, last made first
+net_down() {
+  [[ -f $STATE/created ]] || return 0
+  local kind what
+  while read -r kind what; do
+    case $kind in
+      netns) if netns_exists "$what"; then stop_netns_processes "$what"; ip netns del "$what" || true; fi ;;
+      link) if link_exists "$what"; then ip link del "$what" || true; fi ;;
+      dir) rm -f "$what/hosts"; rmdir "$what" 2>/dev/null || true ;;
+    esac
+  done < <(tac "$STATE/created")
+  rm -f "$STATE/created"
+  say "network removed (bridge $BRIDGE, namespaces and links of $(node_names | tr '\n' ' ' | sed 's/ $//'))"
+}
+
+# verify_down: nothing of the multi-node cluster is left (namespaces, links, hosts files, daemons)
+verify_down() {
+  local left=() node d
+  link_exists "$BRIDGE" && left+=("link $BRIDGE")
+  for node in $(node_names); do
+    netns_exists "$node" && left+=("netns $node")
+    link_exists "${node}h" && left+=("link ${node}h")
+    [[ -e /etc/netns/$node ]] && left+=("/etc/netns/$node")
+  done
+  for d in munged mariadb slurmdbd slurmctld $(slurmd_daemons); do
+    alive "$d" && left+=("$d (pid $(pid_of "$d"))")
+  done
+  ((${#left[@]} == 0)) || die "down left behind: ${left[*]}"
+  say "nothing left: no namespace, link, hosts file or daemon of the $(cat "$STATE/nodes" 2>/dev/null || echo "$NODES")-node cluster"
+}
+
+# ------------------------------------------------------------------------------------------- node
+# slurmd_daemons: the names the slurmd pids are recorded under (slurmd; slurmd@emae-n<i>)
+slurmd_daemons() {
+  if ((MULTI == 0)); then echo slurmd; return 0; fi
+  local node
+  for node in $(node_names); do echo "slurmd@$node"; done
+}
+
+start_slurmds() {
+  if ((MULTI == 0)); then
+    alive slurmd || start slurmd "$LOG/slurmd.log" slurmd -D
+    return 0
+  fi
+  local node
+  for node in $(node_names); do
+    mkdir -p "$STATE/slurmd/$node"
+    # its own network (nsenter), hostname (unshare --uts) and /etc/hosts (a bind mount in its own mount
+    # namespace, which still receives the host's later mounts: slave propagation); the node's jobs see
+    # all three. Not `ip netns exec`: it remounts /sys, hiding /sys/fs/cgroup, and slurmd then refuses
+    # to start. Every step execs, so the recorded pid becomes slurmd's.
+    alive "slurmd@$node" || start "slurmd@$node" "$LOG/slurmd-$node.log" \
+      nsenter --net="/run/netns/$node" -- unshare --uts --mount --propagation slave -- \
+      sh -c 'mount --bind "/etc/netns/$1/hosts" /etc/hosts && hostname "$1" && exec slurmd -D -N "$1"' sh "$node"
+  done
+}
+
+node_state() { sinfo -h -N -n "$1" -o '%T' 2>/dev/null | head -n 1; }
+
+wait_node_idle() {
+  local deadline=$((SECONDS + UP_TIMEOUT)) state="" node waiting d
+  local -A resumed=()
+  while ((SECONDS < deadline)); do
+    waiting=""
+    for node in $(node_names); do
+      state=$(node_state "$node" || true)
+      case $state in
+        idle | mixed | allocated | completing) continue ;;
+        down* | drain* | fail*)
+          # a node left down by an earlier run: resume it once (ReturnToService=2 usually does it)
+          if [[ -z ${resumed[$node]:-} ]]; then
+            scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true
+            resumed[$node]=1
+          fi ;;
+      esac
+      waiting+="$node (${state:-none}) "
+    done
+    if [[ -z $waiting ]]; then
+      for node in $(node_names); do say "node $node is $(node_state "$node")"; done
+      return 0
+    fi
+    for d in slurmctld $(slurmd_daemons); do alive "$d" || fail_up "$d exited during start-up"; done
+    sleep 0.5
+  done
+  fail_up "not every node became idle within ${UP_TIMEOUT}s (waiting for: ${waiting% }; sinfo: $(sinfo -N 2>&1 | tr '\n' ' '))"
+}
+
+# recorded_pids: every daemon pid recorded by either cluster (the single- and the multi-node one)
+recorded_pids() { cat "$SINGLE_STATE"/run/*.pid "$MULTI_STATE"/run/*.pid 2>/dev/null || true; }
+
 check_foreign() {
-  local d pids
+  local d pids ours
+  ours=" $(recorded_pids | tr '\n' ' ') "
+  if ((MULTI)); then
+    # beside the single-node cluster, or a distribution's SLURM: only its own ports must be free
+    local port
+    for port in $MULTI_CTLD_PORT $MULTI_DBD_PORT; do
+      if ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; then
+        die "port $port (the multi-node cluster's $( ((port == MULTI_CTLD_PORT)) && echo slurmctld || echo slurmdbd)) is in use: $(ss -Hltnp "sport = :$port" 2>/dev/null | head -n 1)"
+      fi
+    done
+    return 0
+  fi
   for d in slurmctld slurmd slurmdbd; do
     alive "$d" && continue
-    # read-only check (never used to signal anything); zombies do not count
-    pids=$(ps -C "$d" -o pid=,stat= 2>/dev/null | awk '$2 !~ /^Z/ {print $1}' | tr '\n' ' ' || true)
+    # read-only check (never used to signal anything); zombies and the other cluster's daemons do not count
+    pids=$(ps -C "$d" -o pid=,stat= 2>/dev/null | awk '$2 !~ /^Z/ {print $1}' | while read -r p; do
+      [[ $ours == *" $p "* ]] || echo "$p"; done | tr '\n' ' ' || true)
     pids=${pids% }
     [[ -z $pids ]] || die "a $d this script did not start is running (pid $pids): stop it first (systemctl stop $d)"
   done
+}
+
+all_alive() {
+  local d
+  for d in slurmctld $(slurmd_daemons); do alive "$d" || return 1; done
 }
 
 # ----------------------------------------------------------------------------------------- commands
@@ -363,22 +616,28 @@ cmd_up() {
   need_root
   local t0=$SECONDS start_ns
   start_ns=$(date +%s%N)
-  if alive slurmctld && alive slurmd; then
-    local mode
+  if all_alive; then
+    local mode up_nodes
     mode=$(cat "$STATE/mode" 2>/dev/null || echo unknown)
-    if [[ $mode == "$accounting" ]]; then
-      say "already up (accounting=$mode); nothing to do"
+    up_nodes=$(cat "$STATE/nodes" 2>/dev/null || echo 1)
+    if [[ $mode == "$accounting" && $up_nodes == "$NODES" ]]; then
+      say "already up (accounting=$mode, nodes=$up_nodes); nothing to do"
       wait_node_idle
       return 0
     fi
-    say "up with accounting=$mode; restarting with accounting=$accounting"
+    say "up with accounting=$mode, nodes=$up_nodes; restarting with accounting=$accounting, nodes=$NODES"
+    cmd_down
+  elif ((MULTI)) && [[ -f $STATE/created ]]; then
+    say "cleaning up after an earlier multi-node cluster that was not brought down"
     cmd_down
   fi
   check_foreign
   install_packages "$accounting"
-  mkdir -p "$STATE" "$RUN" "$LOG" "$STATE/slurmctld" "$STATE/slurmd"
+  mkdir -p "$STATE" "$RUN" "$LOG" "$STATE/slurmctld" "$STATE/slurmd" "$CONF_DIR"
   chmod 755 "$STATE"
+  echo "$NODES" >"$STATE/nodes"
   write_conf "$accounting"
+  ((MULTI)) && net_up
   start_munge
   if [[ $accounting == yes ]]; then
     start_mariadb
@@ -390,10 +649,11 @@ cmd_up() {
   echo "$accounting" >"$STATE/mode"
   alive slurmctld || start slurmctld "$LOG/slurmctld.log" slurmctld -D
   wait_for 30 slurmctld scontrol ping || fail_up "slurmctld did not answer 'scontrol ping'"
-  alive slurmd || start slurmd "$LOG/slurmd.log" slurmd -D
+  start_slurmds
   wait_node_idle
   local ms=$((($(date +%s%N) - start_ns) / 1000000))
-  say "up in $((ms / 1000)).$(printf '%03d' $((ms % 1000)))s (accounting=$accounting, state $STATE)"
+  say "up in $((ms / 1000)).$(printf '%03d' $((ms % 1000)))s (accounting=$accounting, nodes=$NODES, state $STATE)"
+  ((MULTI)) && say "use it with: export SLURM_CONF=$SLURM_CONF"
   sinfo
 }
 
@@ -411,22 +671,31 @@ cmd_down() {
     fi
   fi
   # slurmd last-but-one: its slurmstepds need slurmctld to report completion
-  stop slurmd
+  local d
+  for d in $(slurmd_daemons); do stop "$d"; done
   stop slurmctld
   stop slurmdbd
   stop mariadb
   stop munged
+  if ((MULTI)); then
+    net_down
+    verify_down
+  fi
   say "down"
 }
 
 cmd_status() {
   local d any=0
-  echo "state dir: $STATE (accounting=$(cat "$STATE/mode" 2>/dev/null || echo unknown))"
-  for d in munged mariadb slurmdbd slurmctld slurmd; do
+  echo "state dir: $STATE (accounting=$(cat "$STATE/mode" 2>/dev/null || echo unknown), nodes=$(cat "$STATE/nodes" 2>/dev/null || echo "$NODES"))"
+  ((MULTI)) && echo "config: SLURM_CONF=$SLURM_CONF"
+  for d in munged mariadb slurmdbd slurmctld $(slurmd_daemons); do
     if alive "$d"; then echo "  $d: running (pid $(pid_of "$d"))"; any=1
-    elif [[ -n $(pid_of "$d") ]]; then echo "  $d: DEAD (recorded pid $(pid_of "$d")); see $LOG/$d.log"
+    elif [[ -n $(pid_of "$d") ]]; then echo "  $d: DEAD (recorded pid $(pid_of "$d")); see $LOG/"; any=1
     else echo "  $d: not running"; fi
   done
+  if ((MULTI)) && [[ -f $STATE/created ]]; then
+    echo "  network: $(awk '{print $1 " " $2}' "$STATE/created" | tr '\n' ',' | sed 's/,$//; s/,/, /g')"
+  fi
   if ((any)) && sinfo >/dev/null 2>&1; then
     sinfo -N -o '%N %T %C %m %G %P'
     squeue
@@ -436,9 +705,26 @@ cmd_status() {
   return 3
 }
 
-case ${1:-} in
-  up) shift; cmd_up "$@" ;;
-  down) cmd_down ;;
-  status) cmd_status ;;
-  *) echo "usage: $0 up [--no-accounting] | down | status" >&2; exit 2 ;;
+usage() { echo "usage: $0 up [--no-accounting] [--nodes N] | down [--nodes N] | status [--nodes N]" >&2; exit 2; }
+
+# --nodes N may come anywhere after the command; it chooses the cluster (1: single-node, >= 2: multi-node)
+command=${1:-}
+[[ -n $command ]] || usage
+shift
+nodes=1
+rest=()
+while (($#)); do
+  case $1 in
+    --nodes) (($# >= 2)) || die "--nodes needs a number"; nodes=$2; shift 2 ;;
+    --nodes=*) nodes=${1#--nodes=}; shift ;;
+    *) rest+=("$1"); shift ;;
+  esac
+done
+[[ $nodes =~ ^[0-9]+$ ]] && ((nodes >= 1 && nodes <= MAX_NODES)) || die "--nodes $nodes: expected a whole number from 1 to $MAX_NODES"
+select_instance "$nodes"
+case $command in
+  up) cmd_up "${rest[@]}" ;;
+  down) ((${#rest[@]} == 0)) || die "unknown option for down: ${rest[*]}"; cmd_down ;;
+  status) ((${#rest[@]} == 0)) || die "unknown option for status: ${rest[*]}"; cmd_status ;;
+  *) usage ;;
 esac

@@ -90,12 +90,14 @@ class EmaeCommand:
         import submitit
 
         env = submitit.JobEnvironment()
+        rendezvous = ""
         if env.num_tasks > 1:
-            submitit.helpers.TorchDistributedEnvironment().export(
+            dist_env = submitit.helpers.TorchDistributedEnvironment().export(
                 set_cuda_visible_devices=self.bind_gpu_to_task, overwrite=True
             )
+            rendezvous = f", rendezvous {dist_env.master_addr}:{dist_env.master_port}"  # the first node of the job
         print(
-            f"[emae.launch] job {env.job_id} task {env.global_rank}/{env.num_tasks} on {env.hostname}"
+            f"[emae.launch] job {env.job_id} task {env.global_rank}/{env.num_tasks} on {env.hostname}{rendezvous}"
             f" (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}): {self.describe()}",
             flush=True,
         )

@@ -12,6 +12,7 @@ we get a signal.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,6 +229,14 @@ def _stderr_tails(job: Any, lines: int = 30) -> str:
     return "\n".join(parts) or f"(no log output; see {job.paths.folder})"
 
 
+def _srun_task_errors(job: Any) -> str:
+    """srun's own lines about tasks that ended badly, in its words and order (``srun: emae-n2: task 1:
+    Killed; ...``): which node's task brought a multi-task job down. srun writes them to the batch log,
+    which is task 0's."""
+    found = re.findall(r"(?:^|\r)srun: error: (\S+: tasks? [\d,-]+: [^\r\n]+)", job.task(0).stderr() or "", re.M)
+    return f"srun: {'; '.join(dict.fromkeys(found))}\n" if found else ""
+
+
 def _outcome(job: Any, state: str) -> Outcome:
     """The outcome of a job whose tasks all wrote their result."""
     error = job.exception()
@@ -305,7 +314,8 @@ def watch(job: Any, config: LauncherConfig, *, out: IO[str] | None = None, err: 
                 f"{limit:g}s for its result")
         if now - trouble_since > limit:
             streamer.pump(final=True)
-            return Outcome(job.job_id, False, state or "UNKNOWN", 1, f"{what} {why}.\n{_stderr_tails(job)}")
+            return Outcome(job.job_id, False, state or "UNKNOWN", 1,
+                           f"{what} {why}.\n{_srun_task_errors(job)}{_stderr_tails(job)}")
         next_check = now  # no longer running: look again at every poll
         time.sleep(config.poll_interval_s)
 
