@@ -33,7 +33,7 @@ TINY = [
     "pretrain.log_every_steps=2", "pretrain.knn_every_epochs=1", "knn.batch_size=512",
     "linprobe.epochs=2", "linprobe.warmup_epochs=1", "finetune.epochs=1", "finetune.warmup_epochs=0",
     "finetune.batch_size=128", "consistency.num_images=32", "consistency.rounds=2",
-    "visualize.num_images=2",
+    "visualize.num_images=2", "pipeline.seeds=[0]",
 ]
 
 
@@ -60,23 +60,29 @@ def test_snakemake_runs_the_whole_dag_and_reruns_nothing(tmp_path: Path) -> None
 
     report = tmp_path / "results" / "report"
     summary = pd.read_csv(report / "summary.csv")
-    assert list(summary["variant"]) == ["mae", "emae"]
-    assert list(summary["K"]) == [1, 4] and list(summary["consistency_weight"]) == [0.0, 1.0]
-    assert (summary["epochs"] == 2).all() and (summary["pretrain_seconds"] > 0).all()
-    for column in ("knn_top1", "linprobe_top1", "finetune_top1"):
+    assert list(summary["variant"]) == ["mae", "emae", "emae_eqflops", "pixels", "random_init"]
+    trained = summary.iloc[:3]
+    assert list(trained["K"]) == [1, 4, 4] and list(trained["consistency_weight"]) == [0.0, 1.0, 1.0]
+    # emae_eqflops gets mae's FLOPs (pipeline.compute_of): one epoch of K=4 views for mae's two
+    assert list(trained["epochs"]) == [2, 2, 1] and (trained["pretrain_seconds"] > 0).all()
+    # (whole epochs: 0.56 rounds up to 1; the report shows the FLOPs each really had)
+    assert trained["flops_vs_reference"].tolist() == pytest.approx([100, 356.6, 178.3], abs=0.1)
+    for column in ("knn_top1", "linprobe_top1"):
         assert summary[column].between(0, 100).all(), column
-    assert (summary["consistency"] >= 0).all()
+    assert summary["finetune_top1"].drop(3).between(0, 100).all()  # pixels: no fine-tuning
+    assert (trained["consistency"] >= 0).all()
+    assert "## Time to target: mae's final accuracy" in (report / "summary.md").read_text()
     # the report's numbers are the stages' own
     knn = json.loads((tmp_path / "results/emae/seed0/knn/metrics.json").read_text())
     assert summary.loc[1, "knn_top1"] == pytest.approx(knn["top1"])
     # settings, then the effective batch and the lr pre-training ran with (1.5e-3 x 128 / 256), seeds
     assert "| emae | 4 | 0.75 | 1 | 2 | 128 | 0.00075 | 1 |" in (report / "summary.md").read_text()
-    assert (summary["batch"] == 128).all() and summary["lr"].tolist() == pytest.approx([7.5e-4, 7.5e-4])
+    assert (trained["batch"] == 128).all() and trained["lr"].tolist() == pytest.approx([7.5e-4] * 3)
     # the kNN monitor ran every epoch of pre-training: accuracy-vs-time curves have points
     curve = pd.read_csv(report / "curves" / "mae-seed0-knn.csv")
     assert list(curve["epoch"]) == [1, 2] and curve["knn_top1"].between(0, 100).all()
     assert len(list((report / "reconstructions").glob("*.png"))) >= 2
-    for name in ("loss_curves.png", "accuracy_vs_time.png", "accuracy_vs_epochs.png"):
+    for name in ("loss_curves.png", "accuracy_vs_time.png", "accuracy_vs_flops.png", "accuracy_vs_epochs.png"):
         assert (report / name).stat().st_size > 1000
 
     again = _run([*snakemake, "-n"], tmp_path, copy_env())
@@ -95,15 +101,16 @@ def test_snakemake_runs_the_whole_dag_and_reruns_nothing(tmp_path: Path) -> None
         return plan.stdout + plan.stderr
 
     plan = plan_after_edit("emae/losses.py")
-    assert _planned(plan) == {"pretrain": 2, "knn": 2, "linprobe": 2, "finetune": 2, "consistency": 2,
-                              "visualize": 2, "report": 1, "all": 1}, plan[-3000:]
+    # (the baselines too: their evaluations import the model package)
+    assert _planned(plan) == {"pretrain": 3, "knn": 5, "linprobe": 5, "finetune": 4, "consistency": 3,
+                              "visualize": 3, "report": 1, "all": 1}, plan[-3000:]
     assert "Params have changed since last execution" in plan
     assert _planned(plan_after_edit("emae/report/plots.py")) == {"report": 1, "all": 1}
     # switching more stages on plans only their jobs and the report, not the finished ones
     (tmp_path / "more.yaml").write_text(yaml.safe_dump(
         {"overrides": [*TINY, "pipeline.stages.prepare_dense=true", "pipeline.stages.segment=true"], "threads": 1}))
     plan = _run([*snakemake[:-1], "more.yaml", "-n"], tmp_path, copy_env()).stdout
-    assert _planned(plan) == {"prepare_dense": 1, "segment": 2, "report": 1, "all": 1}, plan[-3000:]
+    assert _planned(plan) == {"prepare_dense": 1, "segment": 3, "report": 1, "all": 1}, plan[-3000:]
     html = tmp_path / "report.html"
     _run([*snakemake, "--report", str(html)], tmp_path, copy_env())
     text = html.read_text()
@@ -148,7 +155,9 @@ def test_dvc_repro_push_clone_pull_then_experiments(tmp_path: Path) -> None:
                                   "pipeline.stages.visualize=false"])
     pipeline_yaml = repo / "params" / "pipeline.yaml"
     tree = yaml.safe_load(pipeline_yaml.read_text())
-    del tree["pipeline"]["variants"]["mae"]
+    for variant in ("mae", "emae_eqflops"):
+        del tree["pipeline"]["variants"][variant]
+    tree["pipeline"] |= {"reference": "emae", "compute_of": {}, "baselines": {"pixels": False, "random_init": False}}
     pipeline_yaml.write_text(yaml.safe_dump(tree, sort_keys=False))
 
     env = copy_env()  # the copy's emae

@@ -201,9 +201,9 @@ class Pipeline:
             self._merge_labelled(tree, origin, self.settings.variants[run.variant],
                                  f"pipeline.variants.{run.variant}")
             self._merge_labelled(tree, origin, {"pretrain": {"seed": run.seed}}, "pipeline.seeds")
-            if run.variant in self.budgets:
-                self._merge_labelled(tree, origin, self._budget_tree(run), "pipeline.compute_of")
         merge_overrides(tree, origin, self.overrides)
+        if run is not None and run.variant in self.budgets:  # fitted to the source's epochs, overrides included
+            self._merge_labelled(tree, origin, self._budget_tree(run), "pipeline.compute_of")
         config = config_from_tree(tree, origin)
         validate_all(config)
         return config
@@ -229,7 +229,7 @@ class Pipeline:
             return [*self.run_overrides(Run(self.settings.reference, run.seed)), *seeds]
         budget = flatten(self._budget_tree(run)) if run.variant in self.budgets else []
         return [*flatten(self.settings.overrides), *flatten(self.settings.variants[run.variant]),
-                f"pretrain.seed={run.seed}", *budget, *self.overrides]
+                f"pretrain.seed={run.seed}", *self.overrides, *budget]
 
     def _budget_tree(self, run: Run) -> dict[str, Any]:
         return {"pretrain": self.budgets[run.variant]}

@@ -11,6 +11,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from emae.errors import EmaeError
+from emae.workflow.plan import snakemake_plan
 from emae.workflow.stages import PATTERN, RUN_STAGES, Pipeline, Run, flatten
 
 validate(config, "../schemas/config.schema.yaml")
@@ -20,8 +21,14 @@ if isinstance(config["overrides"], str):
 # The whole params tree (every section, every variant) is validated here, before any job runs.
 try:
     PIPELINE = Pipeline(config["params"], config["preset"], config["overrides"])
+    # the cost before the cost (emae plan); a stage that cannot fit its launcher's GPU stops here
+    PLAN = snakemake_plan(PIPELINE, config)
 except EmaeError as err:
     raise WorkflowError(f"emae: {err}") from None
+
+
+onstart:
+    print(PLAN.summary(), file=sys.stderr)
 
 if (not PIPELINE.stage_enabled("prepare") and PIPELINE.config.data.kind == "imagefolder"
         and not os.path.exists(PIPELINE.data_root)):
@@ -33,7 +40,14 @@ EMAE = f"{shlex.quote(sys.executable)} -m emae.cli"
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [workflow.basedir, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
 
-THREADS = config["threads"] or workflow.cores
+_launcher = config["launcher"]
+LOCAL = ((_launcher if isinstance(_launcher, str) else (_launcher or {}).get("kind"))
+         or PIPELINE.config.section("launcher").kind) == "local"
+# Local jobs: two at a time by default, each with its share of the cores (small models and the
+# jobs' start-up use two cores better as two jobs than as one); torch takes the count from
+# OMP_NUM_THREADS. SLURM jobs get their CPUs from the launcher's resources instead.
+THREADS = config["threads"] or (max(1, workflow.cores // 2) if LOCAL else workflow.cores)
+THREAD_ENV = "OMP_NUM_THREADS={threads} " if LOCAL else ""
 
 
 def launcher_args(stage):

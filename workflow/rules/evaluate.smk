@@ -12,4 +12,4 @@ for _stage in ("knn", "linprobe", "finetune", "consistency", "visualize", "detec
         params: values=stage_params(_stage), code=stage_code(_stage), args=stage_args(_stage)
         log: log_path(_stage)
         threads: THREADS
-        shell: "{EMAE} stage {params.args} > {log} 2>&1"
+        shell: THREAD_ENV + "{EMAE} stage {params.args} > {log} 2>&1"

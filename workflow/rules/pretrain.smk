@@ -5,4 +5,4 @@ rule pretrain:
     params: values=stage_params("pretrain"), code=stage_code("pretrain"), args=stage_args("pretrain")
     log: log_path("pretrain")
     threads: THREADS
-    shell: "{EMAE} stage {params.args} > {log} 2>&1"
+    shell: THREAD_ENV + "{EMAE} stage {params.args} > {log} 2>&1"

@@ -62,7 +62,7 @@ if "sweep" in PIPELINE.config.extra:
             history=f"{SWEEP_DIR}/{{study}}/plots/history.png",
         params: values=sweep_values(), code=sweep_code(), args=sweep_args
         log: "logs/sweep/{study}.log"
-        threads: THREADS
+        threads: config["threads"] or workflow.cores  # its workers share them (sweep.threads_per_worker)
         wildcard_constraints:
             study=r"[A-Za-z0-9_.-]+",
         shell: "{EMAE} {params.args} > {log} 2>&1"
