@@ -355,6 +355,26 @@ def test_grid_sweep_end_to_end_with_two_local_workers(small_digits: Path, tmp_pa
     assert "(continued)" in sweep_here(args, capsys) and len(load_study(out).trials) == 5
 
 
+def test_the_sweep_waits_for_a_running_trial_until_its_owner_is_found_dead(
+        small_digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A trial RUNNING on another host when `emae sweep` starts (its heartbeat fresh, then silent: an
+    RDB's grace period is the same wait) is waited for, failed once stale, and its retry run."""
+    out = tmp_path / "wait"
+    args = ["sweep", "-o", str(out), *overrides(small_digits, *grid([0.75], [2]), "sweep.budget.epochs=1",
+                                                 "sweep.heartbeat_seconds=1", "sweep.stale_after_seconds=2")]
+    sweep = Sweep(load_config([PARAMS], args[3:]), out)
+    study, _ = sweep.create_study(sweep.open_storage())
+    trial = sweep.next_trial(study, "remote")
+    trial.set_user_attr("owner", {**trial.user_attrs["owner"], "host": "another-node"})
+    liveness.touch(out, trial.number)
+    started = time.monotonic()
+    printed = sweep_here(args, capsys)
+    assert "0 running elsewhere" in printed and time.monotonic() - started >= 2
+    dead, retry = load_study(out).trials
+    assert dead.state == TrialState.FAIL and "worker remote" in dead.user_attrs["failure"]
+    assert retry.state == TrialState.COMPLETE and retry.system_attrs["retry_history"] == [0]
+
+
 def test_sigkill_mid_trial_then_rerun_keeps_completed_and_retries_the_killed(
         small_digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "tpe"

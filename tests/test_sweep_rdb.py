@@ -90,6 +90,7 @@ def _kill_a_worker_mid_trial(out: Path, url: str, found: dict[str, Any], stop: t
             return
 
 
+@pytest.mark.slow  # once in CI: its own server, not the cluster's accounting, so no rerun without it
 @pytest.mark.timeout(240)
 def test_four_slurm_workers_on_mariadb_survive_a_killed_worker(mariadb_url: str, small_digits: Path,  # noqa: F811
                                                                tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

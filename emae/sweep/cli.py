@@ -73,8 +73,8 @@ def run_workers(sweep: Sweep, study: Any) -> int:
     from emae.sweep.backends import WORKERS_DIR, run_round
 
     def stopping(signum: int) -> None:
-        print(f"emae sweep: {signal.Signals(signum).name}: stopping the workers (their trials are retried when the sweep "
-              "is rerun)", file=sys.stderr, flush=True)
+        print(f"emae sweep: {signal.Signals(signum).name}: stopping the workers (their trials are retried "
+              "when the sweep is rerun)", file=sys.stderr, flush=True)
 
     stalled = 0
     with _progress_bar(sweep, study) as update, SignalGuard(stopping) as guard:

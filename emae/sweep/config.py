@@ -32,7 +32,8 @@ class Dimension(Section):
             raise ValueError(f"low={self.low} is above high={self.high}")
         elif self.log and (self.step is not None or self.low <= 0):
             raise ValueError(f"a log range needs low > 0 (got {self.low}) and no `step` (Optuna)")
-        elif self.step is not None and not math.isclose((r := (self.high - self.low) / self.step), round(r), abs_tol=1e-9):
+        elif self.step is not None and not math.isclose(r := (self.high - self.low) / self.step, round(r),
+                                                         abs_tol=1e-9):
             raise ValueError(f"high - low = {self.high - self.low:g} is not a multiple of step={self.step:g}")
         return self
 

@@ -40,7 +40,8 @@ def owner_record(worker: str) -> dict[str, Any]:
               "worker": worker, "started_unix": time.time()}
     if "SLURM_JOB_ID" in os.environ:
         task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        record["slurm_job"] = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"]) + (f"_{task}" if task else "")
+        record["slurm_job"] = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"]) + (
+            f"_{task}" if task else "")
     return record
 
 
@@ -76,8 +77,8 @@ def dead_trials(study: optuna.Study, out: Path, stale_after: float) -> list[tupl
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not owner_alive(trial, out, stale_after):
             owner = trial.user_attrs.get("owner") or {}
-            dead.append((trial, f"worker {owner.get('worker', '?')} (pid {owner.get('pid', '?')} on "
-                                f"{owner.get('host', '?')}) died; detected {datetime.datetime.now():%Y-%m-%dT%H:%M:%S}"))
+            who = f"worker {owner.get('worker', '?')} (pid {owner.get('pid', '?')} on {owner.get('host', '?')})"
+            dead.append((trial, f"{who} died; detected {datetime.datetime.now():%Y-%m-%dT%H:%M:%S}"))
     return dead
 
 

@@ -1,11 +1,8 @@
-"""One trial: pre-train a point of the space with the sweep's budget, then score its encoder.
-
-The score is the kNN top-1 of pre-training's monitor at the last epoch (`objective: knn`), or a
-linear probe of the trial's encoder (`linprobe`). With pruning, kNN every `prune_every_epochs`
-goes to `trial.report`; `budget.seconds` ends pre-training at the first kNN epoch past it.
-A trial pre-trains into `<out>/trials/<number>/`; its retries keep that folder (the `run_dir`
-attribute they inherit), so pre-training resumes from its checkpoint (exactly: the same weights
-as an uninterrupted run), and the epochs logged before are replayed to the pruner.
+"""One trial: pre-train a point with the sweep's budget, then score its encoder (kNN top-1 of the
+last epoch, or a linear probe). With pruning, kNN every `prune_every_epochs` goes to `trial.report`;
+`budget.seconds` ends pre-training at the first kNN epoch past it. A trial pre-trains into
+`<out>/trials/<number>/`; its retries keep that folder (the `run_dir` they inherit) and resume its
+checkpoint (exactly), the epochs logged before replayed to the pruner.
 """
 
 from __future__ import annotations
@@ -67,26 +64,21 @@ def run_trial(trial: optuna.Trial, out: Path, base: dict[str, Any], sweep: Sweep
             raise _BudgetReached
 
     stopped_early = _replay_logged_epochs(folder, on_epoch)
-    try:
+    try:  # pretrain's metrics hold the last epoch's kNN, also when only its export was left to do
         metrics = {} if stopped_early else pretrain(config, folder, epoch_callback=on_epoch)
     except _BudgetReached:
         stopped_early = True
-    last = history[-1] if history else {}
     if stopped_early:
-        metrics = {"pretrain_seconds": last["pretrain_seconds"], "epochs": last["epoch"], "final_loss": last["loss"]}
-    if metrics.get("knn_top1") is None and (knn := [h for h in history if "knn_top1" in h]):
-        # stopped early, or killed after the last checkpoint but before metrics.json (the rerun only
-        # exports): the last kNN epoch's values, from its log line
-        metrics |= {"knn_top1": knn[-1]["knn_top1"], "knn_top5": knn[-1].get("knn_top5")}
+        knn = [h for h in history if "knn_top1" in h]  # the budget's epoch (objective knn) or before
+        metrics = {"pretrain_seconds": history[-1]["pretrain_seconds"], "epochs": history[-1]["epoch"],
+                   "final_loss": history[-1]["loss"], **{k: knn[-1].get(k) for k in ("knn_top1", "knn_top5") if knn}}
     if sweep.objective == "knn" and metrics.get("knn_top1") is None:
         raise RuntimeError(f"trial {trial.number}: pre-training gave no kNN value ({folder})")
     for key in ("knn_top1", "knn_top5", "pretrain_seconds", "final_loss", "epochs"):
         if metrics.get(key) is not None:
             trial.set_user_attr(key, metrics[key])
     trial.set_user_attr("budget_stopped", stopped_early)
-    score = metrics["knn_top1"] if sweep.objective == "knn" else _linprobe(config, folder, stopped_early)
-    if sweep.objective == "linprobe":
-        trial.set_user_attr("linprobe_top1", score)
+    score = metrics["knn_top1"] if sweep.objective == "knn" else _linprobe(trial, config, folder, stopped_early)
     if not math.isfinite(score):
         raise RuntimeError(f"trial {trial.number}: non-finite score {score}")
     return (score, float(metrics["pretrain_seconds"])) if sweep.multi_objective else score
@@ -107,12 +99,13 @@ def _replay_logged_epochs(folder: Path, on_epoch: Callable[[dict[str, Any]], Non
     return False
 
 
-def _linprobe(config: Config, folder: Path, stopped_early: bool) -> float:
+def _linprobe(trial: optuna.Trial, config: Config, folder: Path, stopped_early: bool) -> float:
     from emae.eval.linprobe import evaluate_linprobe
     from emae.models.export import ENCODER_FILE, load_pretrained, save_encoder
 
     encoder = folder / ENCODER_FILE
-    if stopped_early or not encoder.exists():
-        model, _ = load_pretrained(folder / "checkpoints" / "last.pt")
-        save_encoder(model, encoder)
-    return float(evaluate_linprobe(config, encoder, folder / "linprobe")["top1"])
+    if stopped_early or not encoder.exists():  # the export of the budget's epoch
+        save_encoder(load_pretrained(folder / "checkpoints" / "last.pt")[0], encoder)
+    score = float(evaluate_linprobe(config, encoder, folder / "linprobe")["top1"])
+    trial.set_user_attr("linprobe_top1", score)
+    return score

@@ -88,7 +88,7 @@ def plot_heatmap(sweep: Sweep, df: pd.DataFrame, path: Path) -> None:
         for j, r in enumerate(table.columns):
             value = table.iat[i, j]
             if k not in allowed_num_parts(L, r):
-                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="0.6", linewidth=0))
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="0.6", lw=0))
             elif not pd.isna(value):
                 ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="w", fontsize=9)
             elif (k, r) in pruned:

@@ -64,7 +64,8 @@ class SearchSpace:
         self.dists = {key: self._distribution(key, dim) for key, dim in sweep.dimensions().items()}
         names = [self.name(k) for k in self.dists]
         if not names:
-            raise self._error("sweep.space is empty: give at least one dimension, e.g. model.num_parts: {low: 1, high: 4}")
+            raise self._error("sweep.space is empty: give at least one dimension, e.g. "
+                              "model.num_parts: {low: 1, high: 4}")
         if len(set(names)) != len(names):
             raise self._error(f"sweep.space keys must differ after their section (Optuna names them {names})")
         self._check_constraint()

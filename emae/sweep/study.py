@@ -184,7 +184,7 @@ class Sweep:
                               heartbeat_interval=math.ceil(s.heartbeat_seconds),
                               grace_period=math.ceil(s.stale_after_seconds),
                               heartbeat_stale_trial_callback=partial(retry, max_retries=s.max_retries))
-        except Exception as err:  # noqa: BLE001 - sqlalchemy raises many kinds (ArgumentError, OperationalError, ImportError)
+        except Exception as err:  # noqa: BLE001 - sqlalchemy raises many kinds (ArgumentError, OperationalError, ...)
             message = (str(err).strip() or type(err).__name__).splitlines()[0]
             raise EmaeError(f"sweep.storage = {url!r}: cannot open this Optuna storage ({type(err).__name__}: "
                             f"{message}); use 'journal' or a URL such as mysql+pymysql://user:pw@host/db") from None
@@ -212,7 +212,8 @@ class Sweep:
             if self.name in {x.study_name for x in optuna.get_all_study_summaries(storage, include_best_trial=False)}:
                 return self.load_study(storage, "coordinator"), False
             study = optuna.create_study(study_name=self.name, storage=storage, sampler=self.sampler("coordinator"),
-                                        pruner=self.pruner(), directions=["maximize", "minimize"][: 1 + s.multi_objective])
+                                        pruner=self.pruner(),
+                                        directions=["maximize", "minimize"][:1 + s.multi_objective])
             study.set_metric_names(metric_names(s.objective, s.multi_objective))
             study.set_user_attr(SIGNATURE_ATTR, self.signature())
             for cell in self.space.grid()[: self.target] if s.sampler == "grid" else ():

@@ -68,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
                 _run_one(study, trial, sweep)
             except Stopped as stop:
                 name = signal.Signals(stop.args[0]).name
+                frozen = trial.storage.get_trial(trial._trial_id)  # noqa: SLF001
                 with study_lock(sweep.out):
-                    sweep.fail(study, trial.storage.get_trial(trial._trial_id), f"worker stopped by {name}", stopped=True)  # noqa: SLF001
+                    sweep.fail(study, frozen, f"worker stopped by {name}", stopped=True)
                 return 128 + stop.args[0]
             finally:
                 heartbeat.beat = None
