@@ -25,7 +25,7 @@ RATIO, PARTS = "model.mask_ratio", "model.num_parts"
 _DECIMALS = 12  # drawn floats are rounded so that `low + i * step` is exact enough for int(L * (1 - r))
 
 
-def suggest(trial: Any, name: str, dist: BaseDistribution) -> Any:
+def _suggest(trial: Any, name: str, dist: BaseDistribution) -> Any:
     """`trial.suggest_*` for a distribution (an enqueued or retried trial gets its fixed value)."""
     if isinstance(dist, CategoricalDistribution):
         return trial.suggest_categorical(name, list(dist.choices))
@@ -154,7 +154,7 @@ class SearchSpace:
         point: dict[str, Any] = {}
         first = [PARTS, RATIO] if isinstance(self.dists.get(PARTS), CategoricalDistribution) else [RATIO, PARTS]
         for key in [k for k in first if k in self.dists] + [k for k in self.dists if k not in first]:
-            point[key] = suggest(trial, self.name(key), self._bounded(key, point))
+            point[key] = _suggest(trial, self.name(key), self._bounded(key, point))
         if not self.valid(point):  # unreachable by construction (the tests sample it heavily)
             raise AssertionError(f"drew an invalid point {point} (L = {self.num_patches})")
         return point
