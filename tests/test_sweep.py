@@ -33,6 +33,7 @@ SMALL = [o for o in TINY_OVERRIDES if not o.startswith(("pretrain.batch_size", "
     "pretrain.batch_size=16", "pretrain.checkpoint_every_steps=2", "sweep.pruner=none",
     "sweep.poll_seconds=0.3", "sweep.heartbeat_seconds=1", "sweep.stale_after_seconds=30",
     "sweep.budget.warmup_epochs=0.5", "sweep.prune_every_epochs=1",  # budgets of 1-3 epochs
+    "sweep.budget.compute=epochs",  # every trial its budget's epochs (compute=flops: tested on its own)
 ]
 
 
@@ -533,3 +534,23 @@ def test_snakemake_sweep_target_runs_the_study_and_a_rerun_is_a_no_op(small_digi
     assert yaml.safe_load((out / "best.yaml").read_text())["model"]["mask_ratio"] == 0.75
     assert (out / "plots" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     assert "Nothing to be done" in snakemake()
+
+
+def test_an_equal_flops_budget_gives_each_k_its_share_of_maes_epochs() -> None:
+    """budget.compute=flops: every trial gets the FLOPs of `epochs` MAE epochs (K=1 at the base
+    params' model); its epochs and warm-up are fitted to its own K and mask ratio."""
+    from emae.flops import train_flops_per_image
+    from emae.sweep.objective import trial_config
+
+    config = load_config([PARAMS], ["sweep.budget.compute=flops", "sweep.budget.epochs=40",
+                                    "sweep.budget.warmup_epochs=4"])
+    base, sweep = config.to_dict(), config.section("sweep")
+    trials = {(k, r): trial_config(base, sweep, {"model.num_parts": k, "model.mask_ratio": r}).pretrain
+              for k, r in ((1, 0.75), (2, 0.75), (4, 0.75), (2, 0.5))}
+    assert trials[1, 0.75].epochs == 40 and trials[1, 0.75].warmup_epochs == 4
+    mae = train_flops_per_image(config.model.model_copy(update={"num_parts": 1}), 32, 3)
+    for (k, r), cfg in trials.items():
+        trial = train_flops_per_image(config.model.model_copy(update={"num_parts": k, "mask_ratio": r}), 32, 3)
+        assert cfg.epochs == round(40 * mae / trial) and cfg.warmup_epochs == pytest.approx(4 * cfg.epochs / 40)
+    assert trials[4, 0.75].epochs == 10 and trials[2, 0.75].epochs == 20 and trials[2, 0.5].epochs < 20
+    assert "equal FLOPs per trial: those of 40 MAE epochs" in sweep.budget.describe()

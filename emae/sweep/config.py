@@ -40,8 +40,16 @@ class Dimension(Section):
 
 class Budget(Section):
     epochs: int = Field(gt=0)
+    compute: Literal["epochs", "flops"] = Field(
+        description="epochs: every trial trains `epochs` epochs; flops: every trial gets the pre-training "
+                    "FLOPs of `epochs` epochs of MAE (the base model with K=1), its own epochs fitted to them")
     seconds: float | None = Field(gt=0)
     warmup_epochs: float | None = Field(ge=0)
+
+    def describe(self) -> str:
+        if self.compute == "epochs":
+            return f"{self.epochs} pre-training epochs per trial"
+        return f"equal FLOPs per trial: those of {self.epochs} MAE epochs (epochs fitted to each K)"
 
 
 class MedianPrunerConfig(Section):

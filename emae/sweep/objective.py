@@ -11,11 +11,13 @@ import copy
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import optuna
 
 from emae.config import Config, config_from_tree
+from emae.flops import fit_epochs, train_flops_per_image
 from emae.sweep.config import SweepConfig
 
 
@@ -32,10 +34,23 @@ def trial_config(base: dict[str, Any], sweep: SweepConfig, point: dict[str, Any]
     tree["pretrain"]["epochs"] = sweep.budget.epochs
     if sweep.budget.warmup_epochs is not None:
         tree["pretrain"]["warmup_epochs"] = sweep.budget.warmup_epochs
+    if sweep.budget.compute == "flops":
+        tree["pretrain"] |= _equal_flops_schedule(base, tree, sweep.budget.epochs, tree["pretrain"]["warmup_epochs"])
+    epochs = tree["pretrain"]["epochs"]
     needs_knn = sweep.objective == "knn" or sweep.prune_every_epochs > 0
-    tree["pretrain"]["knn_every_epochs"] = min(sweep.prune_every_epochs or sweep.budget.epochs,
-                                               sweep.budget.epochs) if needs_knn else 0
+    tree["pretrain"]["knn_every_epochs"] = min(sweep.prune_every_epochs or epochs, epochs) if needs_knn else 0
     return config_from_tree(tree, {})
+
+
+def _equal_flops_schedule(base: dict[str, Any], tree: dict[str, Any], epochs: int, warmup: float) -> dict[str, Any]:
+    """The trial's epochs and warm-up for the FLOPs of `epochs` epochs of MAE (the base model, K=1)."""
+    data = tree["data"]
+    mae = SimpleNamespace(**(base["model"] | {"num_parts": 1}))
+    trial = SimpleNamespace(**tree["model"])
+    budget = epochs * train_flops_per_image(mae, data["image_size"], data["in_chans"])
+    fitted, fitted_warmup = fit_epochs(epochs, warmup, 1, train_flops_per_image(trial, data["image_size"], data["in_chans"]),
+                                       budget_flops=budget)
+    return {"epochs": fitted, "warmup_epochs": fitted_warmup}
 
 
 def run_trial(trial: optuna.Trial, out: Path, base: dict[str, Any], sweep: SweepConfig,

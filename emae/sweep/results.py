@@ -97,7 +97,8 @@ def plot_heatmap(sweep: Sweep, df: pd.DataFrame, path: Path) -> None:
     ax.set_yticks(range(len(table.index)), [str(k) for k in table.index])
     ax.set(xlabel="mask ratio r", ylabel="K (parts)")
     name = metric_names(sweep.settings.objective, sweep.settings.multi_objective)[0]
-    ax.set_title(f"{sweep.name}: best {name} (%)  [hatched: K*int(L(1-r)) > L={L}]", fontsize=9)
+    ax.set_title(f"{sweep.name}: best {name} (%)  [hatched: K*int(L(1-r)) > L={L}]\n"
+                 f"{sweep.settings.budget.describe()}", fontsize=9)
     fig.colorbar(image, ax=ax, label=name)
     _save(fig, path)
 
@@ -132,7 +133,7 @@ def write_results(sweep: Sweep, study: optuna.Study) -> dict[str, Any]:
         scores = ", ".join(f"{n} = {v:.4g}" for n, v in zip(names, best.values))
         atomic_write_text(out / "best.yaml", (
             f"# emae sweep {study.study_name!r}: {'most accurate Pareto-optimal' if s.multi_objective else 'best'} of "
-            f"{p.complete} complete trials: trial {best.number} ({scores}, {s.budget.epochs} pre-training epochs)\n"
+            f"{p.complete} complete trials: trial {best.number} ({scores}; {s.budget.describe()})\n"
             f"# use: emae pretrain -p params -p {out / 'best.yaml'} -o runs/<name>\n")
             + yaml.safe_dump(sweep.space.overlay(point), sort_keys=False))
         summary |= {"best_trial": best.number, "best_values": list(best.values), "best_params": point}
