@@ -238,6 +238,10 @@ def test_baselines_time_to_target_and_verdicts(tmp_path: Path) -> None:
             "wall-clock: not less compute than mae.") in verdicts
     assert "Efficiency, kNN: emae_eqflops did not reach mae's final 81.00 in 3 of 3 seeds" in verdicts
     assert "lower is more consistent): emae 0.021 vs mae 0.051" in verdicts and "emae is better" in verdicts
+    assert ("Claim 1 (efficiency: mae's accuracy in a fraction of its compute): not supported on this benchmark: "
+            "no variant reached mae's final accuracy in less compute.") in verdicts
+    assert ("Claim 2 (self-consistency: predictions of a patch depend less on the mask): supported: emae, "
+            "emae_eqflops more consistent than mae (95% CI below 0).") in verdicts
     assert "stale" not in markdown
     with Image.open(out / "accuracy_vs_flops.png") as image:
         assert image.format == "PNG"

@@ -146,6 +146,34 @@ def verdicts(pipeline: Pipeline, runs: pd.DataFrame, targets: pd.DataFrame) -> l
                 lines.append(_compare(variant, reference, "consistency",
                                       "Consistency (spread of a patch's predictions over masks, lower is "
                                       "more consistent)", runs, lower_is_better=True))
+    return lines + _claims(reference, runs, targets)
+
+
+def _claims(reference: str, runs: pd.DataFrame, targets: pd.DataFrame) -> list[str]:
+    """The paper's two claims, one sentence each, from the rows above."""
+    lines = []
+    if not targets.empty:
+        full = targets[targets["reached"] == targets["seeds"]]
+        cheaper = full[full["flops_pct"] + full["flops_pct_ci95"].fillna(0) < 100]
+        if len(cheaper):
+            row = cheaper.sort_values("flops_pct").iloc[0]
+            verdict = (f"supported on this benchmark for {row['measure']}: {row['variant']} reached {reference}'s "
+                       f"final accuracy in {row['flops_pct']:.0f}% of its FLOPs (the whole 95% CI below 100%)")
+        elif (full["flops_pct"] < 100).any():
+            verdict = "not settled: a variant reached it in less compute on average, but the 95% CI reaches 100%"
+        else:
+            verdict = f"not supported on this benchmark: no variant reached {reference}'s final accuracy in less compute"
+        lines.append(f"Claim 1 (efficiency: {reference}'s accuracy in a fraction of its compute): {verdict}.")
+    others = [v for v in runs["variant"].unique() if v != reference and runs.loc[runs["variant"] == v, "K"].gt(1).all()]
+    if others and runs["consistency"].notna().any():
+        results = {v: _difference(*(runs.loc[runs["variant"] == x, "consistency"] for x in (v, reference)))
+                   for v in others}
+        better = [v for v, (_, low, high) in results.items() if high < 0]
+        verdict = ("supported: " + ", ".join(better) + f" more consistent than {reference} (95% CI below 0)"
+                   if len(better) == len(others) else
+                   f"supported for {', '.join(better)} only" if better else
+                   "not shown: no difference with a 95% CI below 0")
+        lines.append(f"Claim 2 (self-consistency: predictions of a patch depend less on the mask): {verdict}.")
     return lines
 
 
