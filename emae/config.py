@@ -202,11 +202,11 @@ SECTION_MODELS: dict[str, str] = {
     "dense_data": "emae.dense.config:DenseDataConfig",
     "detect": "emae.dense.config:DetectConfig",
     "segment": "emae.dense.config:SegmentConfig",
-    "knn": "emae.eval.knn:KnnConfig",
-    "linprobe": "emae.eval.linprobe:LinprobeConfig",
-    "finetune": "emae.eval.finetune:FinetuneConfig",
-    "consistency": "emae.eval.consistency:ConsistencyConfig",
-    "visualize": "emae.eval.visualize:VisualizeConfig",
+    "knn": "emae.eval.config:KnnConfig",
+    "linprobe": "emae.eval.config:LinprobeConfig",
+    "finetune": "emae.eval.config:FinetuneConfig",
+    "consistency": "emae.eval.config:ConsistencyConfig",
+    "visualize": "emae.eval.config:VisualizeConfig",
     "sweep": "emae.sweep.config:SweepConfig",
 }
 

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from emae.config import Config, Section
+from emae.config import Config
 from emae.data import build_dataset, dataset_digest, eval_transform
 from emae.errors import EmaeError
+from emae.eval.config import ConsistencyConfig
 from emae.eval.features import add_checkpoint_argument
 from emae.provenance import file_digest, write_metrics
 from emae.losses import patch_targets
@@ -41,13 +41,6 @@ from emae.seeding import derive_seed
 from emae.train.common import add_config_arguments, config_from_args, default_device
 
 log = logging.getLogger("emae.consistency")
-
-
-class ConsistencyConfig(Section):
-    num_images: int = Field(gt=0, description="val images (the first ones)")
-    rounds: int = Field(ge=2, description="independent masks per image")
-    batch_size: int = Field(gt=0)
-    seed: int
 
 
 class PatchSpread:

@@ -28,11 +28,10 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn as nn
-from pydantic import Field, model_validator
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
@@ -42,9 +41,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from emae.config import Betas, Config, Section, effective_batch
+from emae.config import Config, effective_batch
 from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest, eval_transform
 from emae.errors import EmaeError
+from emae.eval.config import FinetuneConfig
 from emae.eval.features import (add_checkpoint_argument, add_random_init_argument, build_encoder,
                                 topk_correct)
 from emae.eval.training import append_jsonl, check_same_run, truncate_log
@@ -57,48 +57,6 @@ from emae.train.common import (LossMeter, add_config_arguments, autocast, autoca
 
 log = logging.getLogger("emae.finetune")
 POSTFIX_SECONDS = 1.0  # the progress bar's loss is refreshed at most this often (a host sync)
-
-
-class FinetuneConfig(Section):
-    epochs: int = Field(gt=0)
-    batch_size: int = Field(gt=0, description="images per device per micro-batch")
-    accum_iter: int | None = Field(gt=0, description="null: derived from effective_batch_size")
-    effective_batch_size: int | None = Field(gt=0, description="images per step over all processes")
-    blr: float = Field(gt=0, description="lr = blr * effective batch / 256")
-    min_lr: float = Field(ge=0)
-    warmup_epochs: float = Field(ge=0)
-    weight_decay: float = Field(ge=0)
-    betas: Betas
-    layer_decay: float = Field(gt=0, le=1, description="lr scale per layer towards the input")
-    drop_path: float = Field(ge=0, lt=1)
-    global_pool: Literal["token", "avg"]
-    clip_grad: float | None = Field(gt=0, description="max grad norm, or null for none")
-    mixup: float = Field(ge=0, description="Mixup alpha, 0 = off")
-    cutmix: float = Field(ge=0, description="CutMix alpha, 0 = off")
-    mixup_prob: float = Field(ge=0, le=1)
-    mixup_switch_prob: float = Field(ge=0, le=1)
-    label_smoothing: float = Field(ge=0, lt=1)
-    rand_augment: str | None = Field(description="timm RandAugment string, e.g. rand-m9-mstd0.5-inc1")
-    reprob: float = Field(ge=0, le=1, description="random erasing probability")
-    crop_scale_min: float = Field(gt=0, le=1)
-    checkpoint_every_steps: int = Field(gt=0)
-    eval_every_epochs: int = Field(gt=0)
-    amp: Literal["auto", "bf16", "fp16", "off"]
-    seed: int
-
-    @property
-    def mixing(self) -> bool:
-        return self.mixup > 0 or self.cutmix > 0
-
-    @model_validator(mode="after")
-    def _even_batch(self) -> "FinetuneConfig":
-        if self.mixing and self.batch_size % 2:
-            raise ValueError(f"finetune.batch_size={self.batch_size} must be even when mixup or cutmix is on "
-                             "(timm's Mixup pairs each image with its mirror in the batch)")
-        if self.rand_augment is not None and not self.rand_augment.startswith("rand"):
-            raise ValueError(f"finetune.rand_augment={self.rand_augment!r}: expected a timm RandAugment "
-                             "string such as 'rand-m9-mstd0.5-inc1', or null")
-        return self
 
 
 def train_transform(config: Config, cfg: FinetuneConfig) -> Any:

@@ -13,14 +13,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
-from emae.config import Config, Section
+from emae.config import Config
 from emae.data import build_dataset, dataset_digest, eval_transform
+from emae.eval.config import KnnConfig
 from emae.eval.features import (accuracy, add_checkpoint_argument, add_random_init_argument,
                                 build_encoder, extract_features)
 from emae.provenance import encoder_digest, write_metrics
@@ -28,15 +28,6 @@ from emae.train import distributed
 from emae.train.common import add_config_arguments, autocast_dtype, config_from_args, default_device
 
 log = logging.getLogger("emae.knn")
-
-
-class KnnConfig(Section):
-    k: int = Field(gt=0, description="neighbours that vote")
-    temperature: float = Field(gt=0, description="vote weight exp(cos / temperature)")
-    batch_size: int = Field(gt=0, description="images per device for feature extraction")
-    pool: Literal["token", "avg"] = Field(description="class token, or mean of the patch tokens")
-    amp: Literal["auto", "bf16", "fp16", "off"]
-    seed: int = Field(description="draws the weights of the random-init baseline (--random-init)")
 
 
 @torch.no_grad()

@@ -22,11 +22,10 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
-from pydantic import Field
 from timm.optim import Lars
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
@@ -34,9 +33,10 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from tqdm import tqdm
 
-from emae.config import Config, Section, effective_batch
+from emae.config import Config, effective_batch
 from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest, eval_transform
 from emae.errors import EmaeError
+from emae.eval.config import LinprobeConfig
 from emae.eval.features import (accuracy, add_checkpoint_argument, add_random_init_argument,
                                 build_encoder, extract_features, pooled)
 from emae.eval.training import append_jsonl, check_same_run, truncate_log
@@ -48,25 +48,6 @@ from emae.train.common import (LossMeter, add_config_arguments, autocast, autoca
                                default_device)
 
 log = logging.getLogger("emae.linprobe")
-
-
-class LinprobeConfig(Section):
-    epochs: int = Field(gt=0)
-    batch_size: int = Field(gt=0, description="per device")
-    accum_iter: int | None = Field(gt=0, description="batches per step (MAE's main_linprobe "
-                                   "--accum_iter); null: derived from effective_batch_size")
-    effective_batch_size: int | None = Field(gt=0, description="images per step over all processes")
-    blr: float = Field(gt=0, description="lr = blr * effective batch / 256")
-    min_lr: float = Field(ge=0)
-    warmup_epochs: float = Field(ge=0)
-    weight_decay: float = Field(ge=0)
-    momentum: float = Field(ge=0, lt=1)
-    pool: Literal["token", "avg"] = Field(description="class token, or mean of the patch tokens")
-    augment: bool = Field(description="false: cached features; true: RandomResizedCrop + flip")
-    crop_scale_min: float = Field(gt=0, le=1)
-    checkpoint_every_steps: int = Field(gt=0)
-    amp: Literal["auto", "bf16", "fp16", "off"]
-    seed: int
 
 
 class ProbeHead(nn.Sequential):

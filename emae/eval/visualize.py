@@ -23,11 +23,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from pydantic import Field  # noqa: E402
 
-from emae.config import Config, Section  # noqa: E402
+from emae.config import Config  # noqa: E402
 from emae.data import build_dataset, dataset_digest, eval_transform  # noqa: E402
 from emae.eval.consistency import load_model_for_data  # noqa: E402
+from emae.eval.config import VisualizeConfig  # noqa: E402
 from emae.eval.features import add_checkpoint_argument  # noqa: E402
 from emae.io import atomic_write  # noqa: E402
 from emae.provenance import file_digest, write_metrics  # noqa: E402
@@ -38,12 +38,6 @@ from emae.train.common import add_config_arguments, config_from_args, default_de
 
 log = logging.getLogger("emae.visualize")
 MASKED_GRAY = 0.5  # fill of removed patches in the "masked" column
-
-
-class VisualizeConfig(Section):
-    num_images: int = Field(gt=0, description="val images, one row each")
-    cell_pixels: int = Field(ge=16, description="drawn width of each image in pixels")
-    seed: int
 
 
 @torch.no_grad()
