@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -324,17 +325,26 @@ def _refuse_duplicate_keys(loader: ParamsLoader, node: yaml.Node, source: str, p
 def read_yaml(path: Path) -> dict[str, Any]:
     """A params file: a mapping of sections (an empty file is an empty one)."""
     try:
-        loaded = load_yaml(path.read_text(), str(path))
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the params file: {err.strerror or err}") from None
+    return copy.deepcopy(_parse_params_file(text, str(path)))
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_params_file(text: str, source: str) -> dict[str, Any]:
+    """Parsed once per process and content: a pipeline reads the same files for every run, and
+    PyYAML's parser is most of its start-up CPU. Callers get a deep copy (they merge into it)."""
+    try:
+        loaded = load_yaml(text, source)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
     return loaded
 
 

@@ -96,6 +96,22 @@ def test_shipped_params_read_as_before() -> None:
         assert typed(read_yaml(path)) == typed(yaml.safe_load(path.read_text())), path
 
 
+def test_a_file_read_again_is_its_own_copy_and_its_current_content(tmp_path: Path) -> None:
+    """read_yaml parses a content once per process: callers merge into what it returns, so each gets
+    its own tree; an edited file is read anew; a broken one still says so every time."""
+    path = tmp_path / "model.yaml"
+    path.write_text("model:\n  betas: [0.9, 0.95]\n")
+    first = read_yaml(path)
+    first["model"]["betas"].append(0.0)
+    assert read_yaml(path) == {"model": {"betas": [0.9, 0.95]}}
+    path.write_text("model:\n  betas: [0.5, 0.5]\n")
+    assert read_yaml(path) == {"model": {"betas": [0.5, 0.5]}}
+    path.write_text("model: [1, 2\n")
+    for _ in range(2):
+        with pytest.raises(ConfigError, match=f"{path}: not valid YAML"):
+            read_yaml(path)
+
+
 @pytest.mark.parametrize("text, key, lines", [
     ("model:\n  mask_ratio: 0.75\n  mask_ratio: 0.5\n", "model.mask_ratio", (2, 3)),
     ("model:\n  num_parts: 4\npretrain: {}\nmodel:\n  num_parts: 2\n", "model", (1, 4)),
