@@ -334,14 +334,14 @@ DIGITS = 1797  # scikit-learn's load_digits, what `emae prepare` splits
 
 
 def count_images(root: Path) -> tuple[int, int] | None:
-    """Image files under root/train and root/val (ImageFolder's walk), or None without them."""
-    from emae.data.scan import IMAGE_EXTENSIONS  # noqa: PLC0415 - imports torchvision: only when counting
-
+    """Files under root/train and root/val (ImageFolder's walk; hidden ones, such as the scan's
+    caches, left out), or None without them. Not emae.data's image test: that imports torch, and
+    every Snakemake start runs the plan; an estimate needs no decoding."""
     counts = []
     for split in ("train", "val"):
         if not (root / split).is_dir():
             return None
-        counts.append(sum(name.lower().endswith(IMAGE_EXTENSIONS)
+        counts.append(sum(not name.startswith(".")
                           for _, _, files in os.walk(root / split, followlinks=True) for name in files))
     return counts[0], counts[1]
 
