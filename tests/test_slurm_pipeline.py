@@ -92,7 +92,7 @@ def test_snakemake_profile_slurm_runs_the_dag_like_the_local_run(tmp_path: Path)
 
     # every job went through sbatch: its rule log says so, submitit's folder has the script
     rule_logs = sorted((cluster / "logs").glob("**/*.log"))
-    assert len(rule_logs) == 6  # prepare, 2 x pretrain, 2 x knn, report
+    assert len(rule_logs) == 10  # prepare, 3 x pretrain, 3 + 2 (the baselines) x knn, report
     for log in rule_logs:
         assert "submitted SLURM job" in log.read_text(), log
     for stage in ("prepare", "pretrain", "knn", "report"):
@@ -100,7 +100,7 @@ def test_snakemake_profile_slurm_runs_the_dag_like_the_local_run(tmp_path: Path)
     if slurm_has_accounting():
         jobs = sacct_jobs(since)
         assert {name for name, _ in jobs} == GPU_STAGES | CPU_STAGES, jobs
-        assert [name for name, _ in jobs].count("emae-pretrain") == 2  # mae and emae
+        assert [name for name, _ in jobs].count("emae-pretrain") == 3  # mae, emae, emae_eqflops
         for name, tres in jobs:
             assert ("gres/gpu=1" in tres) == (name in GPU_STAGES), (name, tres)
 
