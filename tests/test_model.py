@@ -89,6 +89,17 @@ def test_encoder_export_loads_into_timm_with_the_same_features(tmp_path) -> None
         assert torch.allclose(loaded.eval().forward_features(imgs), ours, atol=1e-6)
 
 
+def test_the_same_weights_export_to_the_same_bytes(tmp_path) -> None:
+    """The export's digest names the encoder in every evaluation's inputs: it must not change
+    between two writes of the same weights (safetensors orders a metadata map at random)."""
+    model = _model()
+    exports = []
+    for i in range(8):
+        save_encoder(model, tmp_path / f"{i}.safetensors")
+        exports.append((tmp_path / f"{i}.safetensors").read_bytes())
+    assert all(export == exports[0] for export in exports)
+
+
 def test_export_of_another_architecture_lists_mismatched_keys(tmp_path) -> None:
     path = tmp_path / "encoder.safetensors"
     save_encoder(_model(), path)

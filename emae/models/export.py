@@ -18,9 +18,13 @@ ENCODER_FILE = "encoder.safetensors"
 
 
 def save_encoder(model: Any, path: str | Path) -> None:
-    """Write the encoder's weights with the timm constructor arguments in the file's metadata."""
+    """Write the encoder's weights with the timm constructor arguments in the file's metadata.
+
+    One metadata key only: safetensors writes its metadata map in a random order, so with two
+    keys the same weights gave two different files (and two encoder digests, which every
+    evaluation records and a resume checks)."""
     state = model.encoder_state_dict()
-    metadata = {"format": "pt", "timm_kwargs": json.dumps(model.encoder_kwargs)}
+    metadata = {"timm_kwargs": json.dumps(model.encoder_kwargs, sort_keys=True)}
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
