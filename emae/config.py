@@ -108,7 +108,8 @@ class PretrainConfig(Section):
     weight_decay: float = Field(ge=0)
     betas: Betas
     clip_grad: float | None = Field(gt=0, description="max grad norm, or null for none")
-    amp: Literal["auto", "bf16", "fp16", "off"] = Field(description="auto: bf16 on CUDA, off on CPU")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        description="auto: bf16 on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), else off")
     compile: bool
     seed: int
     checkpoint_every_steps: int = Field(gt=0)

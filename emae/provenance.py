@@ -85,6 +85,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@lru_cache(maxsize=1)
+def cpu_bf16() -> str | None:
+    """The CPU's native bf16 matmul support: "amx_bf16" (Intel AMX tiles), "avx512_bf16"
+    (AVX512-BF16 dot products: Intel Cooper Lake+, AMD Zen 4+), or None (bf16 is emulated there,
+    slower than fp32). From the /proc/cpuinfo flags, else from torch's own CPU probe."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    if not flags:  # no /proc (macOS, Windows): torch reads CPUID itself
+        try:
+            import torch
+
+            flags = {name for name, on in torch._C._cpu._get_cpu_capability().items() if on is True}
+        except Exception:  # noqa: BLE001 - an older torch without the probe: no native bf16 known
+            flags = set()
+    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
+
+
 def _devices() -> dict[str, Any]:
     import torch
 
@@ -92,7 +115,7 @@ def _devices() -> dict[str, Any]:
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         return {"device": "cuda", "device_names": names, "device_count": len(names)}
     return {"device": "cpu", "device_names": [cpu_model()], "device_count": 1,
-            "cpu_threads": torch.get_num_threads()}
+            "cpu_threads": torch.get_num_threads(), "cpu_bf16": cpu_bf16()}
 
 
 def _versions() -> dict[str, Any]:

@@ -22,7 +22,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "emae"
 # Top-level part of a module name -> layer (higher may import lower, never the reverse).
 LAYERS: dict[str, int] = {
     **dict.fromkeys(["__init__", "masking", "losses", "models", "data", "seeding", "io", "errors",
-                     "config", "provenance", "patches", "flops"], 0),
+                     "config", "provenance", "patches", "flops", "attention"], 0),
     **dict.fromkeys(["train", "eval", "dense"], 1),
     **dict.fromkeys(["launch", "sweep", "workflow", "report"], 2),
     **dict.fromkeys(["cli", "__main__"], 3),  # `python -m emae` is the CLI

@@ -10,6 +10,7 @@ an exported encoder loads into `timm.create_model(...)` without renaming.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -17,11 +18,19 @@ from typing import Any
 import torch
 import torch.nn as nn
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
-from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
+from torch.utils.checkpoint import checkpoint
 
 from emae.losses import consistency_loss, patch_targets, reconstruction_loss
 from emae.masking import num_visible, parallel_masks, visible_indices
+from emae.attention import check_choice, choose, compute_dtype, kernel_context
+
+# On a CPU the blocks run over chunks of about this many tokens (sequences x length): one K*B batch's
+# activations fall out of the caches, and its memory-bound work (GELU, LayerNorm, softmax, the weight
+# gradients' reads) then runs at DRAM speed; in chunks it runs from cache, as K batches of B do.
+# Measured (docs/performance.md): the decoder of K=4 x 64 x 65 tokens 1.1-1.4x faster in chunks of
+# 4096 tokens, 2048 within noise of it, 1024 slower; GPUs want the whole batch (not chunked).
+CPU_CHUNK_TOKENS = 4096
 
 
 @dataclass
@@ -58,6 +67,8 @@ class EMAE(nn.Module):
         consistency_weight: float = 1.0,
         consistency_distance: str = "mse",
         grad_checkpointing: bool = False,
+        encoder_attention: str = "auto",
+        decoder_attention: str = "auto",
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
@@ -68,6 +79,9 @@ class EMAE(nn.Module):
         self.consistency_distance = consistency_distance
         self.norm_pix_loss = norm_pix_loss
         self.grad_checkpointing = grad_checkpointing
+        # SDPA kernel per part: "auto" = emae.attention's measured table, else pinned
+        self.attention = {"encoder": check_choice("encoder_attention", encoder_attention),
+                          "decoder": check_choice("decoder_attention", decoder_attention)}
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
 
         # encoder: timm's ViT without head; its learnable pos_embed is frozen to sin-cos below
@@ -159,7 +173,7 @@ class EMAE(nn.Module):
         cls = (enc.cls_token + enc.pos_embed[:, :1, :]).expand(k * b, -1, -1)
         x = torch.cat([cls, x], dim=1)  # [K*B, 1+n, D]
         x = enc.norm_pre(x)
-        x = self._run_blocks(enc.blocks, x)
+        x = self._run_blocks(enc.blocks, x, "encoder")
         return enc.norm(x)
 
     def forward_decoder(self, latent: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
@@ -172,7 +186,7 @@ class EMAE(nn.Module):
         index = ids_keep.reshape(k * b, n, 1).expand(-1, -1, dd)
         tokens = torch.scatter(tokens, 1, index, x[:, 1:, :])  # [K*B, L, Dd]
         x = torch.cat([x[:, :1, :], tokens], dim=1) + self.decoder_pos_embed
-        x = self._run_blocks(self.decoder_blocks, x)
+        x = self._run_blocks(self.decoder_blocks, x, "decoder")
         x = self.decoder_pred(self.decoder_norm(x))[:, 1:, :]  # drop the class token
         return x.reshape(k, b, self.num_patches, -1)
 
@@ -202,10 +216,27 @@ class EMAE(nn.Module):
         loss, recon, consistency = self.forward_loss(imgs, pred, mask)
         return EMAEOutput(loss, recon, consistency, pred, mask)
 
-    def _run_blocks(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    def _run_blocks(self, blocks: nn.Sequential, x: torch.Tensor, part: str) -> torch.Tensor:
+        """x: [N, T, D] through `blocks` on the part's attention kernel; on a CPU in chunks of
+        sequences (CPU_CHUNK_TOKENS), except under activation checkpointing (a GPU's memory
+        tool: its peak stays the one `emae plan` estimates)."""
+        # under torch.compile the compiler lowers attention itself
+        backends = None if torch.compiler.is_compiling() else choose(
+            part, self.attention[part], x.device.type, compute_dtype(x), x.shape[1])
+
+        def kernel() -> contextlib.AbstractContextManager:
+            return kernel_context(backends) if backends else contextlib.nullcontext()
+
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint_seq(blocks, x)
-        return blocks(x)
+            for block in blocks:  # recomputed in backward on the same kernel
+                x = checkpoint(block, x, use_reentrant=False, context_fn=lambda: (kernel(), kernel()))
+            return x
+        tokens = x.shape[0] * x.shape[1]
+        chunks = max(1, tokens // CPU_CHUNK_TOKENS) if x.is_cpu else 1
+        with kernel():
+            if chunks == 1:
+                return blocks(x)
+            return torch.cat([blocks(chunk) for chunk in x.chunk(chunks)])
 
     # ------------------------------------------------------------------ export
 

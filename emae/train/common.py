@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from emae.config import add_config_arguments, config_from_args  # noqa: F401 -- the loops import them here
 from emae.errors import NonFiniteLossError
+from emae.attention import AttentionKernels
+from emae.provenance import cpu_bf16, cpu_model
 from emae.train import distributed
+
+log = logging.getLogger("emae.precision")
 
 
 def default_device() -> torch.device:
@@ -35,18 +42,37 @@ def set_deterministic(deterministic: bool) -> None:
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """None means full precision. 'auto' is bf16 on CUDA and off on CPU (CPU bf16 is slower)."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+    """The precision of every stage (None: fp32). 'auto': bf16 on CUDA; on a CPU, bf16 where its
+    matmuls are native (AMX or AVX512-BF16, `emae.provenance.cpu_bf16`), fp32 where bf16 is
+    emulated (slower than fp32 there). With the measured attention kernels, bf16 steps are faster
+    on such a CPU for every model size measured (docs/performance.md). The choice is logged once."""
+    if amp == "off":
         return None
     if amp == "fp16":
         return torch.float16
-    return torch.bfloat16
+    if amp == "bf16" or device.type == "cuda":
+        return torch.bfloat16
+    native = cpu_bf16()
+    _log_auto_choice(device.type, native)
+    return torch.bfloat16 if native else None
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+@lru_cache(maxsize=None)
+def _log_auto_choice(device_type: str, native: str | None) -> None:
+    if native:
+        log.info("amp auto: bf16 autocast on %s (%s has native bf16: %s)", device_type, cpu_model(), native)
+    else:
+        log.info("amp auto: fp32 on %s (%s has no native bf16, neither AMX nor AVX512-BF16)",
+                 device_type, cpu_model())
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    """The precision context of every stage's forward: autocast to `dtype` (None: fp32) and the
+    measured attention kernels for every model in it (`emae.attention.AttentionKernels`)."""
+    with (torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None
+          else contextlib.nullcontext()), AttentionKernels():
+        yield
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
