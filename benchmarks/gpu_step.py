@@ -10,10 +10,9 @@ steps:
   hf_vitmae      transformers' ViTMAEForPreTraining     eager and torch.compile (when installed)
   vitl_emae_k4   ViT-L/16 EMAE K=4 with activation checkpointing (`grad_checkpointing=True`)
 
-Reported: images/s, masked patches/s, MFU = analytic train FLOPs per second (see
-`step_throughput.forward_flops`) / a bf16 matmul measured in the same run (and, labelled, / the
-card's datasheet dense bf16 peak), peak memory (torch.cuda.max_memory_allocated during the timed
-steps), the SDPA backend that ran. The JSON is rewritten after every case, so a run cut short
+Reported: images/s, masked patches/s, MFU = analytic train FLOPs per second (`emae.flops`) / a
+bf16 matmul measured in the same run (and, labelled, / the card's datasheet dense bf16 peak), peak
+memory (torch.cuda.max_memory_allocated during the timed steps), the SDPA backend that ran. The JSON is rewritten after every case, so a run cut short
 keeps what it measured.
 
     python benchmarks/gpu_step.py --out "$OUT"          # on the GPU machine

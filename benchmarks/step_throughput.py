@@ -1,32 +1,36 @@
-"""Pre-training step throughput: our MAE mode and EMAE against Hugging Face's ViTMAE, in one run.
+"""Pre-training step throughput: our MAE mode and EMAE against Hugging Face's ViTMAE, in one run,
+at both precisions (fp32 and bf16 autocast).
 
 A step is what `emae pretrain` does per batch: masks, forward, backward, AdamW update, on synthetic
-in-memory images (no data loading: `data_loading.py` measures that). Variants, measured round-robin
-(repeat r of every variant before repeat r+1 of any, so load changes hit all of them alike), median
-of the repeats, warm-up steps excluded:
+in-memory images (no data loading: `data_loading.py` measures that); ours runs in the stages'
+precision context (`emae.train.common.autocast`: autocast + the measured attention kernels), HF's
+in plain `torch.autocast`, as it ships. Variants, each at every precision, measured round-robin
+(repeat r of every (variant, precision) before repeat r+1 of any, so load changes hit all of them
+alike), median of the repeats, warm-up steps excluded:
 
   mae         our model, K=1, lambda=0 (plain MAE in the same code path)
   emae_k2     EMAE, K=2, lambda=1 (consistency l1)
   emae_k4     EMAE, K=4, lambda=1
   naive_k4    EMAE K=4 done as K separate forward passes of B images (what batching the parts buys)
   hf_vitmae   transformers' ViTMAEForPreTraining, same dims, mask ratio, norm_pix_loss, sdpa
-  matmul      a large fp32 (bf16 with --amp) matmul: the machine's measured peak, same run
+  matmul      a large matmul per precision: the machine's measured peak of that dtype, same run
 
-Reported per variant: images/s, masked patches reconstructed per second (images/s * K * masked
-patches per view), FLOP/s from an analytic count (encoder on visible tokens + cls, decoder on all
-tokens, forward + backward = 3 x forward) and its fraction of the matmul peak, and peak memory
-above the weights (CPU: growth of the peak RSS over the first steps of a fresh model, peak reset
-through /proc; GPU: torch.cuda.max_memory_allocated). Ratios and targets go to
-`benchmarks/results/<name>.json`.
+Reported per variant and precision: images/s, masked patches reconstructed per second (images/s *
+K * masked patches per view), FLOP/s from the analytic count (`emae.flops`) and its fraction of the
+same dtype's matmul peak, peak memory above the weights (CPU: growth of the peak RSS over the first
+steps of a fresh model, peak reset through /proc; GPU: torch.cuda.max_memory_allocated); the CPU's
+native bf16 (`emae.provenance.cpu_bf16`) and what `amp: auto` picks on it. Ratios and the targets
+of issue 16 go to `benchmarks/results/<name>.json`.
 
     python benchmarks/step_throughput.py                      # CPU: ViT-Tiny-sized, batch 64
     python benchmarks/step_throughput.py --smoke --out /tmp/x # seconds; checks the plumbing
-    python benchmarks/step_throughput.py --profile mae        # where the time goes
+    python benchmarks/step_throughput.py --profile mae --precisions bf16   # where the time goes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -37,6 +41,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -46,13 +51,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as a script without installing the package
     sys.path.insert(0, str(REPO))
 
+from emae import flops  # noqa: E402
 from emae.io import write_json  # noqa: E402
 from emae.masking import num_visible, parallel_masks, visible_indices  # noqa: E402
 from emae.models import EMAE  # noqa: E402
-from emae.provenance import cpu_model  # noqa: E402
+from emae.provenance import cpu_bf16, cpu_model  # noqa: E402
+from emae.train.common import autocast, autocast_dtype  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 VARIANTS = ("mae", "emae_k2", "emae_k4", "naive_k4", "hf_vitmae")
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 OPTIONAL = ("mae_compiled", "emae_k4_compiled", "hf_vitmae_compiled")  # CPU compile takes minutes
 
 
@@ -92,33 +100,18 @@ SMOKE_DIMS = Dims(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
 
 # ---------------------------------------------------------------------------------------- FLOPs
 
-def _block_flops(tokens: int, dim: int, mlp_ratio: float) -> float:
-    """One transformer block's forward multiply-adds x 2: qkv + proj + MLP, and the two attention
-    matmuls (q k^T, attn v)."""
-    linear = 2 * tokens * dim * (3 * dim + dim + 2 * mlp_ratio * dim)
-    attention = 2 * 2 * tokens * tokens * dim
-    return linear + attention
+def model_dims(d: Dims, num_parts: int) -> SimpleNamespace:
+    """`d` as the model config `emae.flops` counts (its ModelDims)."""
+    return SimpleNamespace(**asdict(d), num_parts=num_parts)
 
 
 def forward_flops(d: Dims, num_parts: int) -> float:
-    """Forward FLOPs per image with K views as EMAE computes them: patch embedding of all patches
-    (once per image; the views share it), then per view the encoder on visible tokens + cls, the
-    decoder embedding, the decoder on all tokens + cls and the prediction head (on cls too, as
-    MAE). Matmuls and attention only, elementwise ops not counted (`tests/test_benchmarks.py`
-    checks this against torch's FlopCounterMode)."""
-    length, pixels = d.num_patches, d.patch_size**2 * d.in_chans
-    visible = num_visible(length, d.mask_ratio) + 1
-    per_view = (
-        d.depth * _block_flops(visible, d.embed_dim, d.mlp_ratio)
-        + 2 * visible * d.embed_dim * d.decoder_embed_dim
-        + d.decoder_depth * _block_flops(length + 1, d.decoder_embed_dim, d.mlp_ratio)
-        + 2 * (length + 1) * d.decoder_embed_dim * pixels
-    )
-    return 2 * length * pixels * d.embed_dim + num_parts * per_view
+    """Forward FLOPs per image with K views: `emae.flops`, the project's one count."""
+    return flops.forward_flops(model_dims(d, num_parts), d.img_size, d.in_chans)
 
 
 def train_flops_per_image(d: Dims, num_parts: int) -> float:
-    return 3 * forward_flops(d, num_parts)  # backward = 2 x forward
+    return flops.train_flops_per_image(model_dims(d, num_parts), d.img_size, d.in_chans)
 
 
 # ------------------------------------------------------------------------------------- variants
@@ -183,6 +176,7 @@ class Variant:
     model: nn.Module
     num_parts: int
     loss: Callable[[torch.Tensor], torch.Tensor]  # imgs -> scalar loss (masks drawn inside)
+    ours: bool = True  # runs in the stages' precision context (else plain torch.autocast)
 
 
 def make_variant(name: str, d: Dims, device: torch.device, grad_checkpointing: bool = False,
@@ -197,7 +191,7 @@ def make_variant(name: str, d: Dims, device: torch.device, grad_checkpointing: b
     if base == "hf_vitmae":
         model = build_hf_vitmae(d).to(device).train()
         run = torch.compile(model, dynamic=False) if name != base else model
-        return Variant(name, model, 1, lambda imgs: run(pixel_values=imgs).loss)
+        return Variant(name, model, 1, lambda imgs: run(pixel_values=imgs).loss, ours=False)
     num_parts = {"mae": 1, "emae_k2": 2, "emae_k4": 4, "naive_k4": 4}[base]
     weight = 0.0 if base == "mae" else 1.0
     emae = build_emae(d, num_parts, weight, grad_checkpointing=grad_checkpointing).to(device).train()
@@ -206,6 +200,14 @@ def make_variant(name: str, d: Dims, device: torch.device, grad_checkpointing: b
     if base.startswith("naive"):
         return Variant(name, module, num_parts, lambda imgs: run(imgs, generator=generator))
     return Variant(name, emae, num_parts, lambda imgs: run(imgs, generator=generator).loss)
+
+
+def precision_context(variant: Variant, device: torch.device,
+                      amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Ours: the stages' context (autocast + measured attention kernels); HF: torch.autocast."""
+    if variant.ours:
+        return autocast(device, amp_dtype)
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
 def make_step(variant: Variant, device: torch.device,
@@ -217,7 +219,7 @@ def make_step(variant: Variant, device: torch.device,
 
     def step(imgs: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with precision_context(variant, device, amp_dtype):
             loss = variant.loss(imgs)
         loss.backward()
         optimizer.step()
@@ -328,6 +330,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__,
         "platform": platform.platform(), "processor": cpu_model(),
+        "cpu_bf16": cpu_bf16(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "device": str(device),
     }
@@ -348,6 +351,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def summarise(times: dict[str, list[float]], variants: dict[str, Variant], d: Dims,
               peak_flops: float) -> dict[str, dict[str, Any]]:
+    """Figures of each variant at one precision; `peak_flops`: that dtype's matmul peak."""
     out: dict[str, dict[str, Any]] = {}
     for name, variant in variants.items():
         step_s = statistics.median(times[name])
@@ -368,50 +372,63 @@ def summarise(times: dict[str, list[float]], variants: dict[str, Variant], d: Di
     return out
 
 
-def ratios_and_targets(res: dict[str, dict[str, Any]], device: torch.device,
+def ratios_and_targets(runs: dict[str, dict[str, Any]], auto: str, device: torch.device,
                        ) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
-    """The issue's targets that this run can check (only those whose variants were measured)."""
+    """Issue 16's targets that this run can check (those whose variants were measured). `runs`:
+    precision -> {"variants": ...}; `auto`: the precision `amp: auto` picks here."""
     ratios: dict[str, float] = {}
-    pairs = {
-        "mae_vs_hf_images_per_s": ("mae", "hf_vitmae", "images_per_s"),
-        "mae_compiled_vs_hf_images_per_s": ("mae_compiled", "hf_vitmae", "images_per_s"),
-        "mae_compiled_vs_hf_vitmae_compiled_images_per_s": ("mae_compiled", "hf_vitmae_compiled", "images_per_s"),
-        "mae_compiled_vs_mae_images_per_s": ("mae_compiled", "mae", "images_per_s"),
-        "emae_k2_vs_mae_masked_patches_per_s": ("emae_k2", "mae", "masked_patches_per_s"),
-        "emae_k4_vs_mae_masked_patches_per_s": ("emae_k4", "mae", "masked_patches_per_s"),
-        "emae_k4_vs_naive_k4_masked_patches_per_s": ("emae_k4", "naive_k4", "masked_patches_per_s"),
-        "emae_k4_vs_hf_masked_patches_per_s": ("emae_k4", "hf_vitmae", "masked_patches_per_s"),
-        "emae_k4_compiled_vs_mae_compiled_masked_patches_per_s": ("emae_k4_compiled", "mae_compiled", "masked_patches_per_s"),
-    }
-    for key, (num, den, field) in pairs.items():
-        if num in res and den in res:
-            ratios[key] = res[num][field] / res[den][field]
-    for name in ("mae", "mae_compiled", "emae_k4", "hf_vitmae"):
-        if name in res:
-            ratios[f"{name}_fraction_of_matmul_peak"] = res[name]["fraction_of_matmul_peak"]
-    wanted = {
-        "mae_vs_hf_images_per_s": 1.2,
-        "mae_compiled_vs_hf_images_per_s": 1.2,
-        "emae_k4_vs_mae_masked_patches_per_s": 1.0,
-        "emae_k4_vs_naive_k4_masked_patches_per_s": 1.5,
-    }
-    if device.type == "cpu":
-        wanted["mae_fraction_of_matmul_peak"] = 0.60
-        wanted["mae_compiled_fraction_of_matmul_peak"] = 0.60
+    wanted: dict[str, float] = {}
+
+    def ratio(key: str, num: tuple[str, str], den: tuple[str, str], field: str,
+              goal: float | None = None) -> None:
+        a, b = (runs.get(p, {}).get("variants", {}).get(n) for n, p in (num, den))
+        if a and b:
+            ratios[key] = a[field] / b[field]
+            if goal is not None:
+                wanted[key] = goal
+
+    for p in runs:
+        ratio(f"{p}:mae_vs_hf_vitmae_images_per_s", ("mae", p), ("hf_vitmae", p), "images_per_s")
+        ratio(f"{p}:emae_k2_vs_mae_masked_patches_per_s", ("emae_k2", p), ("mae", p), "masked_patches_per_s")
+        ratio(f"{p}:emae_k4_vs_mae_masked_patches_per_s", ("emae_k4", p), ("mae", p), "masked_patches_per_s", 1.0)
+        ratio(f"{p}:emae_k4_vs_naive_k4_masked_patches_per_s", ("emae_k4", p), ("naive_k4", p),
+              "masked_patches_per_s", 1.1)
+        ratio(f"{p}:mae_compiled_vs_mae_images_per_s", ("mae_compiled", p), ("mae", p), "images_per_s")
+        ratio(f"{p}:mae_compiled_vs_hf_vitmae_compiled_images_per_s", ("mae_compiled", p),
+              ("hf_vitmae_compiled", p), "images_per_s")
+        for name in ("mae", "emae_k4", "hf_vitmae", "mae_compiled"):
+            res = runs[p]["variants"].get(name)
+            if res:
+                ratios[f"{p}:{name}_fraction_of_matmul_peak"] = res["fraction_of_matmul_peak"]
+    if "mae" in runs.get("fp32", {}).get("variants", {}):
+        wanted["fp32:mae_fraction_of_matmul_peak"] = 0.60
+    if "mae" in runs.get("bf16", {}).get("variants", {}):
+        wanted["bf16:mae_fraction_of_matmul_peak"] = 0.30
+    # ours under amp: auto, against ours in fp32 and against the faster of HF's precisions
+    ratio("auto:mae_vs_fp32_mae_images_per_s", ("mae", auto), ("mae", "fp32"), "images_per_s",
+          1.5 if device.type == "cpu" else None)
+    hf = {p: r["variants"]["hf_vitmae"]["images_per_s"] for p, r in runs.items() if "hf_vitmae" in r["variants"]}
+    if hf and "mae" in runs.get(auto, {}).get("variants", {}):
+        best = max(hf, key=hf.get)
+        ratios["auto:mae_vs_best_hf_vitmae_images_per_s"] = runs[auto]["variants"]["mae"]["images_per_s"] / hf[best]
+        ratios["best_hf_vitmae_precision"] = best  # type: ignore[assignment]
+        wanted["auto:mae_vs_best_hf_vitmae_images_per_s"] = 1.3
     targets = {key: {"value": ratios[key], "target": goal, "met": ratios[key] >= goal}
                for key, goal in wanted.items() if key in ratios}
     return ratios, targets
 
 
-def print_table(res: dict[str, dict[str, Any]], targets: dict[str, dict[str, Any]]) -> None:
-    print(f"{'variant':<20} {'K':>2} {'step ms':>8} {'img/s':>8} {'masked/s':>10} "
+def print_table(runs: dict[str, dict[str, Any]], targets: dict[str, dict[str, Any]]) -> None:
+    print(f"{'variant':<20} {'prec':>4} {'K':>2} {'step ms':>8} {'img/s':>8} {'masked/s':>10} "
           f"{'GFLOP/s':>8} {'of peak':>7} {'mem MiB':>8}")
-    for name, r in res.items():
-        mem = r.get("peak_memory_mb")
-        mem_text = "-" if mem is None else f"{mem:.0f}"
-        print(f"{name:<20} {r['num_parts']:>2} {r['step_seconds'] * 1e3:>8.1f} {r['images_per_s']:>8.1f} "
-              f"{r['masked_patches_per_s']:>10.0f} {r['flops_per_s'] / 1e9:>8.1f} "
-              f"{r['fraction_of_matmul_peak']:>7.1%} {mem_text:>8}")
+    for p, run in runs.items():
+        for name, r in run["variants"].items():
+            mem = r.get("peak_memory_mb")
+            print(f"{name:<20} {p:>4} {r['num_parts']:>2} {r['step_seconds'] * 1e3:>8.1f} "
+                  f"{r['images_per_s']:>8.1f} {r['masked_patches_per_s']:>10.0f} "
+                  f"{r['flops_per_s'] / 1e9:>8.1f} {r['fraction_of_matmul_peak']:>7.1%} "
+                  f"{'-' if mem is None else f'{mem:.0f}':>8}")
+        print(f"{'matmul peak':<20} {p:>4} {run['matmul_peak']['flops_per_s'] / 1e9:>53.1f}")
     for key, t in targets.items():
         print(f"{key}: {t['value']:.3f} (target >= {t['target']}) {'MET' if t['met'] else 'NOT MET'}")
 
@@ -419,26 +436,31 @@ def print_table(res: dict[str, dict[str, Any]], targets: dict[str, dict[str, Any
 def markdown_table(result: dict[str, Any]) -> str:
     """The performance table of a results JSON, for the READMEs."""
     env, d = result["environment"], result["dims"]
-    peak = result["matmul_peak"]
+    runs = {p: result["precisions"][p] for p in PRECISIONS if p in result["precisions"]}  # JSON sorts keys
+    peaks = "; ".join(f"{p} matmul {run['matmul_peak']['size']}^3: {run['matmul_peak']['flops_per_s'] / 1e9:.0f} GFLOP/s"
+                      for p, run in runs.items())
     lines = [
-        f"{env['processor']}, {env['torch_threads']} threads ({result['settings']['clock']} clock), "
-        f"torch {env['torch']}, timm {env['timm']}, transformers {env['transformers']}; "
-        f"load average {result['load_average']['before'][0]:.1f} -> {result['load_average']['after'][0]:.1f}; "
-        f"ViT dim {d['embed_dim']} depth {d['depth']} heads {d['num_heads']}, {d['img_size']}px patch "
-        f"{d['patch_size']}, decoder {d['decoder_embed_dim']}x{d['decoder_depth']}, mask {d['mask_ratio']}, "
-        f"batch {d['batch_size']}, fp32; {peak['dtype']} matmul {peak['size']}^3: "
-        f"{peak['flops_per_s'] / 1e9:.0f} GFLOP/s (median).",
+        f"{env['processor']} (native bf16: {env['cpu_bf16'] or 'none'}; amp auto: {result['amp_auto']}), "
+        f"{env['torch_threads']} thread(s) ({result['settings']['clock']} clock), torch {env['torch']}, "
+        f"timm {env['timm']}, transformers {env['transformers']}; load average "
+        f"{result['load_average']['before'][0]:.1f} -> {result['load_average']['after'][0]:.1f}; ViT dim "
+        f"{d['embed_dim']} depth {d['depth']} heads {d['num_heads']}, {d['img_size']}px patch {d['patch_size']}, "
+        f"decoder {d['decoder_embed_dim']}x{d['decoder_depth']}, mask {d['mask_ratio']}, batch "
+        f"{d['batch_size']}; {peaks} (medians).",
         "",
-        "| variant | K | step (ms) | images/s | masked patches/s | GFLOP/s | of matmul peak | peak memory (MiB) |",
-        "| --- | --: | --: | --: | --: | --: | --: | --: |",
+        "| variant | precision | K | step (ms) | images/s | masked patches/s | GFLOP/s | of the dtype's matmul peak | peak memory (MiB) |",
+        "| --- | --- | --: | --: | --: | --: | --: | --: | --: |",
     ]
-    order = [n for n in VARIANTS + OPTIONAL if n in result["variants"]]
-    for name in order:
-        r = result["variants"][name]
-        mem = r.get("peak_memory_mb")
-        lines.append(f"| {name} | {r['num_parts']} | {r['step_seconds'] * 1e3:.0f} | {r['images_per_s']:.1f} | "
-                     f"{r['masked_patches_per_s']:.0f} | {r['flops_per_s'] / 1e9:.1f} | "
-                     f"{r['fraction_of_matmul_peak']:.0%} | {'-' if mem is None else f'{mem:.0f}'} |")
+    for name in VARIANTS + OPTIONAL:
+        for p, run in runs.items():
+            r = run["variants"].get(name)
+            if r is None:
+                continue
+            mem = r.get("peak_memory_mb")
+            lines.append(f"| {name} | {p} | {r['num_parts']} | {r['step_seconds'] * 1e3:.0f} | "
+                         f"{r['images_per_s']:.1f} | {r['masked_patches_per_s']:.0f} | "
+                         f"{r['flops_per_s'] / 1e9:.1f} | {r['fraction_of_matmul_peak']:.0%} | "
+                         f"{'-' if mem is None else f'{mem:.0f}'} |")
     lines += ["", "| target | value | goal | met |", "| --- | --: | --: | --- |"]
     for key, t in result["targets"].items():
         lines.append(f"| {key} | {t['value']:.2f} | >= {t['target']} | {'yes' if t['met'] else 'no'} |")
@@ -457,6 +479,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny dims, 1 repeat: checks the plumbing")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from "
                         + ", ".join(VARIANTS + OPTIONAL) + " (default: the first five)")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help="comma-separated, from " + ", ".join(PRECISIONS) + " (default: both)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (default 64)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7; smoke 1)")
     parser.add_argument("--steps", type=int, default=None, help="steps per variant per round (default 3)")
@@ -467,14 +491,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                         help="wall (default) or cpu: CPU seconds of this process, robust to other "
                         "load on the machine; meaningful with --threads 1 on CPU only")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast (GPU); peak from a bf16 matmul")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--name", default=None, help="result name (default cpu-this-machine / smoke)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for <name>.json")
     parser.add_argument("--markdown", type=Path, metavar="JSON", default=None,
                         help="print the Markdown table of a results JSON and exit")
     parser.add_argument("--profile", metavar="VARIANT", default=None,
-                        help="print a torch.profiler table of a few steps of VARIANT and exit")
+                        help="print a torch.profiler table of a few steps of VARIANT (at the first "
+                        "of --precisions) and exit")
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         parser.error(f"--clock cpu needs --threads 1 (got {args.threads}): with more threads the "
@@ -483,6 +507,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.variant_list) - set(VARIANTS + OPTIONAL))
     if unknown:
         parser.error(f"--variants: unknown {', '.join(unknown)}; allowed: {', '.join(VARIANTS + OPTIONAL)}")
+    args.precision_list = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    unknown = sorted(set(args.precision_list) - set(PRECISIONS))
+    if unknown or not args.precision_list:
+        parser.error(f"--precisions: unknown {', '.join(unknown) or '(none given)'}; allowed: {', '.join(PRECISIONS)}")
     return args
 
 
@@ -513,6 +541,11 @@ def profile(name: str, d: Dims, device: torch.device, amp_dtype: torch.dtype | N
     print(prof.key_averages().table(sort_by=sort, row_limit=30))
 
 
+def auto_precision(device: torch.device) -> str:
+    """What `amp: auto` runs here (emae.train.common.autocast_dtype, the stages' policy)."""
+    return "fp32" if autocast_dtype("auto", device) is None else "bf16"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.markdown:
@@ -520,11 +553,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    amp_dtype = torch.bfloat16 if args.amp else None
     d = dims_for(args)
 
     if args.profile:
-        profile(args.profile, d, device, amp_dtype)
+        profile(args.profile, d, device, PRECISIONS[args.precision_list[0]])
         return 0
 
     repeats = args.repeats or (1 if args.smoke else 7)
@@ -532,27 +564,37 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
     matmul_size = args.matmul_size or (256 if args.smoke else 2048 if device.type == "cpu" else 8192)
     load_before = os.getloadavg()
-    print(f"step throughput on {device} ({args.threads} threads), load average {load_before}, "
-          f"dims {asdict(d)}", file=sys.stderr)
+    print(f"step throughput on {device} ({args.threads} threads; {cpu_model()}, native bf16: "
+          f"{cpu_bf16()}), load average {load_before}, dims {asdict(d)}", file=sys.stderr)
 
     variants = {name: make_variant(name, d, device) for name in args.variant_list}
     imgs = torch.randn(d.batch_size, d.in_chans, d.img_size, d.img_size, device=device)
     fns: dict[str, Callable[[], None]] = {}
-    for name, variant in variants.items():
-        step = make_step(variant, device, amp_dtype)
-        fns[name] = lambda step=step: step(imgs)
-    mm, mm_flops = matmul_op(matmul_size, device, amp_dtype or torch.float32)
-    fns["matmul"] = mm
-    calls = {name: steps for name in variants} | {"matmul": 10 if device.type == "cpu" else 50}
+    mm_flops: dict[str, float] = {}
+    for p in args.precision_list:
+        for name, variant in variants.items():
+            step = make_step(variant, device, PRECISIONS[p])
+            fns[f"{name}@{p}"] = lambda step=step: step(imgs)
+        mm, mm_flops[p] = matmul_op(matmul_size, device, PRECISIONS[p] or torch.float32)
+        fns[f"matmul@{p}"] = mm
+    calls = {key: (10 if device.type == "cpu" else 50) if key.startswith("matmul@") else steps for key in fns}
     times = round_robin(fns, calls, warmup, repeats, device, clock=args.clock)
 
-    peak = mm_flops / statistics.median(times["matmul"])
-    res = summarise({k: v for k, v in times.items() if k != "matmul"}, variants, d, peak)
+    runs: dict[str, dict[str, Any]] = {}
+    for p in args.precision_list:
+        peak = mm_flops[p] / statistics.median(times[f"matmul@{p}"])
+        res = summarise({name: times[f"{name}@{p}"] for name in variants}, variants, d, peak)
+        runs[p] = {"matmul_peak": {"size": matmul_size, "dtype": str(PRECISIONS[p] or torch.float32),
+                                   "flops_per_s": peak,
+                                   "flops_per_s_best": mm_flops[p] / min(times[f"matmul@{p}"])},
+                   "variants": res}
     if not args.no_memory:
         del variants, fns, step  # free the timed models before the memory runs
-        for name in res:
-            res[name]["peak_memory_mb"] = measure_memory(name, d, device, amp_dtype)
-    ratios, targets = ratios_and_targets(res, device)
+        for p, run in runs.items():
+            for name in run["variants"]:
+                run["variants"][name]["peak_memory_mb"] = measure_memory(name, d, device, PRECISIONS[p])
+    auto = auto_precision(device)
+    ratios, targets = ratios_and_targets(runs, auto, device)
     load_after = os.getloadavg()
 
     name = args.name or ("smoke" if args.smoke else f"{device.type}-this-machine")
@@ -565,20 +607,18 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": {"before": list(load_before), "after": list(load_after)},
         "dims": asdict(d),
         "settings": {"repeats": repeats, "steps_per_repeat": steps, "warmup_steps": warmup,
-                     "amp": str(amp_dtype) if amp_dtype else "fp32", "statistic": "median",
-                     "clock": args.clock, "threads": args.threads},
-        "matmul_peak": {"size": matmul_size, "dtype": str(amp_dtype or torch.float32),
-                        "flops_per_s": peak,
-                        "flops_per_s_best": mm_flops / min(times["matmul"])},
-        "flops_per_image": {n: train_flops_per_image(d, r["num_parts"]) for n, r in res.items()},
-        "variants": res,
+                     "statistic": "median", "clock": args.clock, "threads": args.threads},
+        "amp_auto": auto,
+        "flops_per_image": {n: train_flops_per_image(d, r["num_parts"])
+                            for n, r in next(iter(runs.values()))["variants"].items()},
+        "precisions": runs,
         "ratios": ratios,
         "targets": targets,
     }
     path = args.out / f"{name}.json"
     write_json(path, result)
-    print_table(res, targets)
-    print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; load average {load_before} -> {load_after}; wrote {path}")
+    print_table(runs, targets)
+    print(f"amp auto here: {auto}; load average {load_before} -> {load_after}; wrote {path}")
     return 0
 
 

@@ -110,7 +110,7 @@ def choose(part: str, choice: str, device_type: str, dtype: torch.dtype, length:
     if key not in _logged:
         _logged.add(key)
         picked = "PyTorch's default" if backends is None else backends[0].name.lower()
-        log.info("attention: %s on %s, %s, %d tokens -> %s (%s)", part, device_type,
+        log.info("%s attention on %s, %s, %d tokens: %s kernel (%s)", part, device_type,
                  str(dtype).removeprefix("torch."), length, picked, source)
     return backends
 

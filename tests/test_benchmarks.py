@@ -14,6 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import REPO, cli_env
+from emae.provenance import cpu_bf16
 
 BENCH = REPO / "benchmarks"
 
@@ -31,8 +32,9 @@ HAVE_HF = importlib.util.find_spec("transformers") is not None
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=REPO, env=cli_env(),
-                            capture_output=True, text=True, timeout=600)
+    # one thread: tiny sizes at two threads on a busy machine mostly wait for each other
+    result = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=REPO,
+                            env=cli_env() | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -44,15 +46,7 @@ def _forward_counted(model: torch.nn.Module, call) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("num_parts", [1, 4])
-def test_analytic_flops_match_torch_flop_counter(num_parts: int) -> None:
-    d = st.SMOKE_DIMS
-    model = st.build_emae(d, num_parts, 1.0).eval()
-    imgs = torch.randn(d.batch_size, 3, d.img_size, d.img_size)
-    counted = _forward_counted(model, lambda m: m(imgs, generator=torch.Generator().manual_seed(0)))
-    assert counted == pytest.approx(st.forward_flops(d, num_parts) * d.batch_size, rel=1e-9)
-
-
+# (our model's count, emae.flops, is checked against FlopCounterMode in tests/test_flops.py)
 @pytest.mark.skipif(not HAVE_HF, reason="transformers (the bench extra) is not installed")
 def test_hf_vitmae_has_our_dimensions() -> None:
     d = st.SMOKE_DIMS
@@ -84,24 +78,44 @@ def test_naive_parts_compute_the_batched_loss() -> None:
 
 
 def test_step_throughput_smoke_writes_its_json(tmp_path: Path) -> None:
-    variants = "mae,emae_k2,emae_k4,naive_k4" + (",hf_vitmae" if HAVE_HF else "")
-    _run("step_throughput.py", "--smoke", "--variants", variants, "--out", str(tmp_path))
+    """Both precisions in one run, each against its own dtype's matmul peak; the CPU's bf16."""
+    variants = "mae,emae_k4,naive_k4" + (",hf_vitmae" if HAVE_HF else "")
+    _run("step_throughput.py", "--smoke", "--threads", "1", "--variants", variants, "--out", str(tmp_path))
     data = json.loads((tmp_path / "smoke.json").read_text())
-    assert set(data["variants"]) == set(variants.split(","))
-    for name, res in data["variants"].items():
-        for key in ("images_per_s", "masked_patches_per_s", "flops_per_s", "fraction_of_matmul_peak",
-                    "peak_memory_mb", "step_seconds"):
-            assert key in res, (name, key)
-        assert res["images_per_s"] > 0
-        assert res["masked_patches_per_s"] == pytest.approx(
-            res["images_per_s"] * res["num_parts"] * 12)  # 16 patches, 4 visible per view
-    assert data["matmul_peak"]["flops_per_s"] > 0
+    assert set(data["precisions"]) == {"fp32", "bf16"}
+    for precision, run in data["precisions"].items():
+        assert run["matmul_peak"]["dtype"] == {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[precision]
+        assert run["matmul_peak"]["flops_per_s"] > 0
+        assert set(run["variants"]) == set(variants.split(","))
+        for name, res in run["variants"].items():
+            assert res["peak_memory_mb"] is not None and res["step_seconds"] > 0, (precision, name)
+            assert res["masked_patches_per_s"] == pytest.approx(
+                res["images_per_s"] * res["num_parts"] * 12)  # 16 patches, 4 visible per view
+            assert res["fraction_of_matmul_peak"] == pytest.approx(
+                res["flops_per_s"] / run["matmul_peak"]["flops_per_s"])
+    assert data["environment"]["cpu_bf16"] == cpu_bf16()
+    assert data["amp_auto"] == ("bf16" if cpu_bf16() else "fp32")
     assert len(data["load_average"]["before"]) == 3
-    assert {"emae_k4_vs_mae_masked_patches_per_s", "emae_k4_vs_naive_k4_masked_patches_per_s"} <= set(data["targets"])
+    expected = {f"{p}:{key}" for p in ("fp32", "bf16") for key in (
+        "emae_k4_vs_mae_masked_patches_per_s", "emae_k4_vs_naive_k4_masked_patches_per_s",
+        "mae_fraction_of_matmul_peak")} | {"auto:mae_vs_fp32_mae_images_per_s"}
     if HAVE_HF:
-        assert "mae_vs_hf_images_per_s" in data["targets"]
+        expected.add("auto:mae_vs_best_hf_vitmae_images_per_s")
+    assert set(data["targets"]) == expected
     table = st.markdown_table(data)
-    assert "| mae | 1 |" in table and "| emae_k4_vs_naive_k4_masked_patches_per_s |" in table
+    assert "| mae | bf16 | 1 |" in table and "| bf16:emae_k4_vs_naive_k4_masked_patches_per_s |" in table
+
+
+def test_attention_benchmark_smoke(tmp_path: Path) -> None:
+    attention = _load("attention")
+    threads = torch.get_num_threads()
+    try:
+        attention.main(["--smoke", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads((tmp_path / "attention-smoke.json").read_text())["rows"]
+    assert {(r["dtype"], r["length"]) for r in rows} == {(d, n) for d in ("fp32", "bf16") for n in (5, 17)}
+    assert all(r["picked"] == "math" and set(r["ms"]) >= {"flash", "math"} for r in rows)  # short: math
 
 
 def test_step_throughput_rejects_unknown_variant(capsys: pytest.CaptureFixture[str]) -> None:
