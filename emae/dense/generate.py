@@ -30,7 +30,7 @@ CATEGORIES = [{"id": d + 1, "name": str(d), "supercategory": "digit"} for d in r
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from emae.train.common import add_config_arguments
+    from emae.config import add_config_arguments
 
     add_config_arguments(parser)
 

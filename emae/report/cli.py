@@ -29,7 +29,7 @@ logger = logging.getLogger("emae.report")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from emae.train.common import add_config_arguments
+    from emae.config import add_config_arguments
 
     add_config_arguments(parser, out_required=True)
 
