@@ -143,14 +143,17 @@ def throughput(device: Device, num_parts: int = 1, compiled: bool = False, model
     """The training throughput of `device` for a K=`num_parts` step: measured where
     `results_dir` has a benchmark of that device, else `mfu` of its datasheet peak."""
     if not device.is_gpu:
-        data = dict(_results(results_dir)).get(results_dir / CPU_RESULTS)
-        picked = _pick_case(data.get("variants", {}), num_parts, compiled, model) if data else None
+        data = dict(_results(results_dir)).get(results_dir / CPU_RESULTS) or {}
+        # the benchmark measures each precision; the stages run the one `amp: auto` picked there
+        precision = data.get("amp_auto", "fp32")
+        cases = data.get("precisions", {}).get(precision, {}).get("variants", {})
+        picked = _pick_case(cases, num_parts, compiled, model)
         if picked is None:
             return Throughput(50e9, False, "assumed 50 GFLOP/s (no CPU benchmark in benchmarks/results)")
         name, case = picked
         env = data.get("environment", {})
         return Throughput(case["flops_per_s"], True,
-                          f"{CPU_RESULTS} {name}: {case['flops_per_s'] / 1e9:.0f} GFLOP/s "
+                          f"{CPU_RESULTS} {name} {precision}: {case['flops_per_s'] / 1e9:.0f} GFLOP/s "
                           f"({env.get('processor', 'cpu')}, {env.get('torch_threads', '?')} threads)")
     for path, data in _results(results_dir):
         card = (data.get("environment") or {}).get("gpu")
