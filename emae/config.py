@@ -349,13 +349,13 @@ def _parse_params_file(text: str, source: str) -> dict[str, Any]:
     return loaded
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any], origin: dict[str, str], source: str,
-           prefix: str = "") -> None:
+def merge_tree(base: dict[str, Any], update: dict[str, Any], origin: dict[str, str], source: str,
+               prefix: str = "") -> None:
     """Deep-merge `update` into `base`, recording in `origin` which source set each leaf key."""
     for key, value in update.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value, origin, source, dotted + ".")
+            merge_tree(base[key], value, origin, source, dotted + ".")
         else:
             base[key] = copy.deepcopy(value)
             origin[dotted] = source
@@ -445,7 +445,7 @@ def load_raw(params: list[str | Path], overrides: list[str] = (), preset: str | 
     tree: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for path in param_files(params, preset):
-        _merge(tree, read_yaml(path), origin, str(path))
+        merge_tree(tree, read_yaml(path), origin, str(path))
     merge_overrides(tree, origin, overrides)
     return tree, origin
 

@@ -30,7 +30,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import MultiScaleRoIAlign
 from tqdm import tqdm
 
-from emae.config import Config, save_config
+from emae.config import Config, add_config_arguments, config_from_args, save_config
 from emae.dense.backbone import ViTDetBackbone, build_backbone, no_weight_decay, vit_group_matcher
 from emae.dense.data import CocoInstances, detection_collate
 from emae.dense.engine import fit
@@ -40,7 +40,7 @@ from emae.io import atomic_write_text
 from emae.provenance import encoder_digest, tree_digest, write_metrics
 from emae.seeding import derive_seed, seed_everything
 from emae.train import distributed
-from emae.train.common import add_config_arguments, config_from_args, default_device
+from emae.train.common import default_device
 
 log = logging.getLogger("emae.detect")
 STAT_NAMES = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from emae.train.common import config_from_args
+    from emae.config import config_from_args
 
     config = config_from_args(args)
     cfg = config.section("dense_data")

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.ops.misc import Conv2dNormActivation
 from tqdm import tqdm
 
-from emae.config import Config, save_config
+from emae.config import Config, add_config_arguments, config_from_args, save_config
 from emae.dense.backbone import ViTDetBackbone, build_backbone, no_weight_decay, vit_group_matcher
 from emae.dense.data import SemanticSegmentation, pad_batch, segmentation_collate
 from emae.dense.engine import fit
@@ -37,7 +37,7 @@ from emae.eval.features import add_random_init_argument
 from emae.provenance import encoder_digest, tree_digest, write_metrics
 from emae.seeding import derive_seed, seed_everything
 from emae.train import distributed
-from emae.train.common import add_config_arguments, config_from_args, default_device
+from emae.train.common import default_device
 
 log = logging.getLogger("emae.segment")
 

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from emae.config import Config
+from emae.config import Config, add_config_arguments, config_from_args
 from emae.data import build_dataset, dataset_digest, eval_transform
 from emae.errors import EmaeError
 from emae.eval.config import ConsistencyConfig
@@ -38,7 +38,7 @@ from emae.masking import parallel_masks
 from emae.models import EMAE
 from emae.models.export import load_pretrained
 from emae.seeding import derive_seed
-from emae.train.common import add_config_arguments, config_from_args, default_device
+from emae.train.common import default_device
 
 log = logging.getLogger("emae.consistency")
 

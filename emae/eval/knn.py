@@ -18,14 +18,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from emae.config import Config
+from emae.config import Config, add_config_arguments, config_from_args
 from emae.data import build_dataset, dataset_digest, eval_transform
 from emae.eval.config import KnnConfig
 from emae.eval.features import (accuracy, add_checkpoint_argument, add_random_init_argument,
                                 build_encoder, extract_features)
 from emae.provenance import encoder_digest, write_metrics
 from emae.train import distributed
-from emae.train.common import add_config_arguments, autocast_dtype, config_from_args, default_device
+from emae.train.common import autocast_dtype, default_device
 
 log = logging.getLogger("emae.knn")
 

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from tqdm import tqdm
 
-from emae.config import Config, effective_batch
+from emae.config import Config, add_config_arguments, config_from_args, effective_batch
 from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest, eval_transform
 from emae.errors import EmaeError
 from emae.eval.config import LinprobeConfig
@@ -44,8 +44,7 @@ from emae.provenance import encoder_digest, write_metrics
 from emae.seeding import derive_seed, seed_everything, set_rng_states
 from emae.train import distributed
 from emae.train.checkpoint import RunCheckpoint
-from emae.train.common import (LossMeter, add_config_arguments, autocast, autocast_dtype, config_from_args,
-                               default_device)
+from emae.train.common import LossMeter, autocast, autocast_dtype, default_device
 
 log = logging.getLogger("emae.linprobe")
 

@@ -24,7 +24,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from emae.config import Config  # noqa: E402
+from emae.config import Config, add_config_arguments, config_from_args  # noqa: E402
 from emae.data import build_dataset, dataset_digest, eval_transform  # noqa: E402
 from emae.eval.consistency import load_model_for_data  # noqa: E402
 from emae.eval.config import VisualizeConfig  # noqa: E402
@@ -34,7 +34,7 @@ from emae.provenance import file_digest, write_metrics  # noqa: E402
 from emae.losses import patch_targets  # noqa: E402
 from emae.models import EMAE  # noqa: E402
 from emae.seeding import derive_seed  # noqa: E402
-from emae.train.common import add_config_arguments, config_from_args, default_device  # noqa: E402
+from emae.train.common import default_device  # noqa: E402
 
 log = logging.getLogger("emae.visualize")
 MASKED_GRAY = 0.5  # fill of removed patches in the "masked" column

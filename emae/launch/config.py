@@ -35,7 +35,7 @@ from pydantic import (
     create_model,
 )
 
-from emae.config import _merge, merge_overrides, read_yaml, source_of, validate_section
+from emae.config import merge_overrides, merge_tree, read_yaml, source_of, validate_section
 
 SbatchValue = Union[bool, int, float, str]
 DEFAULTS = "launcher defaults"  # where a setting nobody set comes from, in messages
@@ -160,10 +160,10 @@ def load_launcher_config(source: str | Path | Mapping[str, Any] | None = None, o
     tree: dict[str, Any] = {}
     origin: dict[str, str] = {}
     if isinstance(source, Mapping):
-        _merge(tree, {"launcher": dict(source)}, origin, name)
+        merge_tree(tree, {"launcher": dict(source)}, origin, name)
     elif source is not None:
         data = read_yaml(Path(source))
-        _merge(tree, {"launcher": data.get("launcher", data)}, origin, str(source))
+        merge_tree(tree, {"launcher": data.get("launcher", data)}, origin, str(source))
     tree["launcher"] = tree.get("launcher") or {}  # `launcher:` with nothing under it
     merge_overrides(tree, origin, overrides, section="launcher")
     config = validate_section(LauncherConfig, tree, "launcher", origin)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from emae.config import add_config_arguments, config_from_args  # noqa: F401 -- the loops import them here
 from emae.errors import NonFiniteLossError
 from emae.attention import AttentionKernels
 from emae.provenance import cpu_bf16, cpu_model

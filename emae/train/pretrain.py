@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from emae.config import Config, effective_batch, save_config
+from emae.config import Config, add_config_arguments, config_from_args, effective_batch, save_config
 from emae.data import (ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest,
                        pretrain_transform)
 from emae.errors import EmaeError
@@ -50,8 +50,8 @@ from emae.provenance import write_metrics
 from emae.seeding import derive_seed, seed_everything, set_rng_states
 from emae.train import distributed
 from emae.train.checkpoint import RunCheckpoint
-from emae.train.common import (LossMeter, add_config_arguments, autocast, autocast_dtype,
-                               config_from_args, default_device, optimizer_step, set_deterministic)
+from emae.train.common import (LossMeter, autocast, autocast_dtype, default_device, optimizer_step,
+                               set_deterministic)
 
 log = logging.getLogger("emae.pretrain")
 

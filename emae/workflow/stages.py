@@ -28,7 +28,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from emae.config import (Config, _merge, config_from_tree, effective_batch, load_raw, merge_overrides,
+from emae.config import (Config, config_from_tree, effective_batch, load_raw, merge_overrides, merge_tree,
                          param_files, parse_value, validate_all)
 from emae.errors import ConfigError
 from emae.workflow.closure import ImportGraph, entry_modules
@@ -212,7 +212,7 @@ class Pipeline:
                         key: str) -> None:
         """Merge `subtree` (the pipeline section's `key`) into `tree`; errors about its values then
         name the file (or override) that set them and `key`."""
-        _merge(tree, copy.deepcopy(subtree), origin, key)
+        merge_tree(tree, copy.deepcopy(subtree), origin, key)
         base = self.config.origin
         for leaf in flatten(subtree):
             dotted = leaf.split("=", 1)[0]
