@@ -107,6 +107,17 @@ def test_dry_run_of_every_preset(tmp_path: Path, preset: str | None) -> None:
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("overrides", ["pipeline.seeds=[1] pretrain.epochs=2", "[pipeline.seeds=[1]]"])
+def test_overrides_given_as_text_or_list(tmp_path: Path, overrides: str) -> None:
+    """The forms the docs give: whitespace-separated text, and a list (YAML cannot read `[[1]]`-like
+    values in a flow list, so Snakemake hands that one over as text)."""
+    result = snakemake(tmp_path, "-n", "-p", "--cores", "2", "--config", f"params={PARAMS}",
+                       f"overrides={overrides}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {m.group(1) for m in re.finditer(r"--variant \w+ --seed (\d+)", result.stdout + result.stderr)}
+    assert runs == {"1"}, runs
+
+
 def test_imagenet_presets_follow_the_mae_recipe() -> None:
     from emae.config import load_config
 

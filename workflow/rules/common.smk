@@ -16,7 +16,10 @@ from emae.workflow.stages import PATTERN, RUN_STAGES, Pipeline, Run, flatten
 
 validate(config, "../schemas/config.schema.yaml")
 if isinstance(config["overrides"], str):
-    config["overrides"] = config["overrides"].split()
+    # `overrides='[a=1 b=[0]]'`: YAML cannot read a bracketed value inside a flow list, so Snakemake
+    # passes the text through; no override starts with "[", so the brackets are the list's own
+    text = config["overrides"].strip()
+    config["overrides"] = (text[1:-1] if text.startswith("[") and text.endswith("]") else text).split()
 
 # The whole params tree (every section, every variant) is validated here, before any job runs.
 try:
