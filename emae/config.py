@@ -30,15 +30,41 @@ Beta = Annotated[float, Field(ge=0, lt=1)]
 Betas = tuple[Beta, Beta]
 
 
+# json_schema_extra of a key a resumed run may change: it does not change what is trained. Declared
+# here, on the fields, for every resume check (emae.train.checkpoint) and the sweep's signature.
+RESUMABLE = {"resumable": True}
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are checked on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
+    @classmethod
+    def resumable_keys(cls) -> set[str]:
+        return {name for name, field in cls.model_fields.items() if field.json_schema_extra == RESUMABLE}
+
+
+def changed_params(saved: dict[str, dict[str, Any]], now: dict[str, Section]) -> list[str]:
+    """'section.key: old -> new' for each key of `now` whose value differs from `saved` (the
+    sections' plain dumps, as a checkpoint stores them), resumable keys left out."""
+    changed = []
+    for name, section in now.items():
+        before = saved.get(name, {})
+        for key, value in section.model_dump(mode="json").items():
+            if key not in section.resumable_keys() and _plain(before.get(key)) != value:
+                changed.append(f"{name}.{key}: {before.get(key)!r} -> {value!r}")
+    return changed
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
 
 class DataConfig(Section):
     kind: Literal["imagefolder", "cifar10", "cifar100"]
-    root: str = Field(description="ImageFolder root with train/ and val/, or the CIFAR download folder")
+    root: str = Field(description="ImageFolder root with train/ and val/, or the CIFAR download folder",
+                      json_schema_extra=RESUMABLE)
     image_size: int = Field(gt=0)
     in_chans: int = Field(gt=0)
     num_classes: int = Field(gt=0)
@@ -46,7 +72,7 @@ class DataConfig(Section):
     std: tuple[float, ...]
     crop_scale_min: float = Field(gt=0, le=1, description="RandomResizedCrop lower scale (MAE: 0.2)")
     hflip: bool
-    num_workers: int = Field(ge=0)
+    num_workers: int = Field(ge=0, json_schema_extra=RESUMABLE)
     skip_corrupt: bool = Field(description="skip unreadable images with a warning instead of failing")
 
     @model_validator(mode="after")
@@ -93,7 +119,7 @@ class ModelConfig(Section):
 
 class PretrainConfig(Section):
     epochs: int = Field(gt=0, description="the schedule's length (and warmup_epochs' reference) "
-                        "when no budget is set")
+                        "when no budget is set; more on resume extend a run", json_schema_extra=RESUMABLE)
     budget_flops: float | None = Field(default=None, gt=0, description="pre-training budget in "
                                        "analytic training FLOPs (emae.flops); epochs are fitted to it")
     budget_images: int | None = Field(default=None, gt=0, description="budget in images seen")
@@ -112,9 +138,10 @@ class PretrainConfig(Section):
         description="auto: bf16 on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), else off")
     compile: bool
     seed: int
-    checkpoint_every_steps: int = Field(gt=0)
-    log_every_steps: int = Field(gt=0)
-    knn_every_epochs: int = Field(ge=0, description="kNN monitor every N epochs; 0 = off")
+    checkpoint_every_steps: int = Field(gt=0, json_schema_extra=RESUMABLE)
+    log_every_steps: int = Field(gt=0, json_schema_extra=RESUMABLE)
+    knn_every_epochs: int = Field(ge=0, description="kNN monitor every N epochs; 0 = off",
+                                  json_schema_extra=RESUMABLE)
     deterministic: bool
 
     @model_validator(mode="after")

@@ -73,6 +73,16 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
                 raise
 
 
+def truncate_jsonl(path: str | Path, key: str, limit: int) -> None:
+    """Drop the lines whose `key` is past `limit`: written after the checkpoint a run resumes from,
+    they will be written again."""
+    path = Path(path)
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)[key] <= limit]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
 def _mode_for(path: Path) -> int:
     """The mode of the file being replaced, else what open() would give (0o666 less the umask)."""
     try:

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from emae.config import load_config
-from emae.errors import EmaeError, NonFiniteLossError
+from emae.config import Config, DataConfig, PretrainConfig, load_config
 from emae.data import dataset_digest
+from emae.errors import EmaeError, NonFiniteLossError
+from emae.provenance import file_digest
 from emae.train.checkpoint import RunCheckpoint
 from emae.train.pretrain import pretrain
 from tests.conftest import CORE_PARAMS, REPO, cli_env
@@ -99,18 +100,60 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def _checkpoint_of(config: Config, path: Path, precision: str = "bfloat16") -> RunCheckpoint:
+    return RunCheckpoint(path / "checkpoints" / "last.pt", {"data": dataset_digest(config.data)}, 1,
+                         params={"model": config.model, "pretrain": config.pretrain, "data": config.data},
+                         precision=precision)
+
+
 def test_resuming_with_other_params_is_refused(tmp_path: Path, tiny_overrides: list[str]) -> None:
     earlier = load_config(CORE_PARAMS, tiny_overrides)
-    ckpt = RunCheckpoint(tmp_path / "checkpoints" / "last.pt", {"data": dataset_digest(earlier.data)}, 1)
-    ckpt.save({"config": earlier.to_dict(), "step": 3})
-    other = load_config(CORE_PARAMS, tiny_overrides + ["model.num_parts=2"])
-    with pytest.raises(EmaeError, match=r"model.num_parts: 4 -> 2"):
+    ckpt = _checkpoint_of(earlier, tmp_path)
+    ckpt.save({"step": 3})
+    before = file_digest(ckpt.path)
+    other = load_config(CORE_PARAMS, tiny_overrides + ["model.num_parts=2", "pretrain.blr=1e-3"])
+    with pytest.raises(EmaeError, match=r"model.num_parts: 4 -> 2; pretrain.blr: 0.0015 -> 0.001"):
         pretrain(other, tmp_path)
+    assert file_digest(ckpt.path) == before  # nothing lost
     # fewer epochs than the checkpoint has trained: refused (more extend the run: tests/test_pipeline_e2e.py)
-    ckpt.save({"config": earlier.to_dict(), "step": 2 * (1437 // 64)})
+    ckpt.save({"step": 2 * (1437 // 64)})
     shorter = load_config(CORE_PARAMS, tiny_overrides + ["pretrain.epochs=1"])
     with pytest.raises(EmaeError, match=r"pretrain.epochs: 2 -> 1 \(the checkpoint has trained 2 epochs\)"):
         pretrain(shorter, tmp_path)
+
+
+def test_resumable_keys_may_change_and_are_declared_once() -> None:
+    """The keys a resumed run may change are the fields marked RESUMABLE: every resume check
+    (pretrain, linprobe, finetune, dense) and the sweep's study signature read them from there."""
+    from emae.dense.config import DetectConfig
+    from emae.eval.config import FinetuneConfig, LinprobeConfig
+
+    assert DataConfig.resumable_keys() == {"root", "num_workers"}
+    assert PretrainConfig.resumable_keys() == {"epochs", "checkpoint_every_steps", "log_every_steps",
+                                               "knn_every_epochs"}
+    assert LinprobeConfig.resumable_keys() == {"epochs", "checkpoint_every_steps"}
+    assert FinetuneConfig.resumable_keys() == {"epochs", "checkpoint_every_steps", "eval_every_epochs"}
+    assert DetectConfig.resumable_keys() == {"root", "num_workers", "log_every", "checkpoint_every",
+                                             "eval_batch_size"}
+
+
+def test_a_retry_that_changes_only_resumable_keys_resumes(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    """A sweep's retried trial may come back with other checkpoint / log intervals or workers."""
+    config = load_config(CORE_PARAMS, tiny_overrides + ["pretrain.checkpoint_every_steps=5"])
+    with pytest.raises(_StopAfterFirstEpoch):
+        pretrain(config, tmp_path, epoch_callback=_stop_after_first_epoch)
+    retried = load_config(CORE_PARAMS, tiny_overrides + ["pretrain.checkpoint_every_steps=3",
+                                                         "pretrain.log_every_steps=2", "data.num_workers=0"])
+    assert pretrain(retried, tmp_path)["steps"] == 2 * (1437 // 64)
+
+
+def test_resuming_in_another_precision_is_refused(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    """`amp: auto` is bf16 on one machine and fp32 on another: a requeue onto the other kind of node
+    would continue the run in another precision."""
+    config = load_config(CORE_PARAMS, tiny_overrides + ["pretrain.amp=off"])
+    _checkpoint_of(config, tmp_path, precision="bfloat16").save({"step": 3})
+    with pytest.raises(EmaeError, match=r"trained in bfloat16 but this run computes in float32"):
+        pretrain(config, tmp_path)
 
 
 def test_missing_data_is_a_clear_error(tmp_path: Path, tiny_overrides: list[str]) -> None:

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from emae.config import Betas, Section
+from emae.config import RESUMABLE, Betas, Section
 
 
 class DenseDataConfig(Section):
@@ -64,7 +64,7 @@ class BackboneConfig(Section):
 class DenseTrainConfig(Section):
     """What detection and segmentation training share: schedule, optimizer, loop."""
 
-    root: str = Field(description="data set root (COCO / ADE20K layout)")
+    root: str = Field(description="data set root (COCO / ADE20K layout)", json_schema_extra=RESUMABLE)
     train_split: str
     val_split: str
     backbone: BackboneConfig
@@ -86,10 +86,11 @@ class DenseTrainConfig(Section):
     clip_grad: float | None = Field(gt=0, description="max grad norm, or null for none")
     hflip: bool
     amp: Literal["auto", "bf16", "fp16", "off"]
-    num_workers: int = Field(ge=0)
-    eval_batch_size: int = Field(gt=0)
-    checkpoint_every: int = Field(gt=0, description="iterations between checkpoints")
-    log_every: int = Field(gt=0)
+    num_workers: int = Field(ge=0, json_schema_extra=RESUMABLE)
+    eval_batch_size: int = Field(gt=0, json_schema_extra=RESUMABLE)
+    checkpoint_every: int = Field(gt=0, description="iterations between checkpoints",
+                                  json_schema_extra=RESUMABLE)
+    log_every: int = Field(gt=0, json_schema_extra=RESUMABLE)
     seed: int
 
     @field_validator("milestones")

@@ -11,7 +11,6 @@ its share of every step's images; gradient accumulation over `accum_iter` batche
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -28,16 +27,13 @@ from tqdm import tqdm
 from emae.config import effective_batch
 from emae.data import ResumableBatchSampler, SeededDataset
 from emae.errors import EmaeError
-from emae.io import append_jsonl, atomic_write_text
+from emae.io import append_jsonl, truncate_jsonl
 from emae.seeding import derive_seed
 from emae.train.checkpoint import RunCheckpoint
 from emae.train import distributed
-from emae.train.common import LossMeter, autocast, autocast_dtype, optimizer_step
+from emae.train.common import LossMeter, autocast, autocast_dtype, optimizer_step, precision_name
 
 log = logging.getLogger("emae.dense")
-
-# keys that may change between a run and its resumption (they do not change what is trained)
-RESUMABLE_KEYS = ("num_workers", "log_every", "checkpoint_every", "eval_batch_size", "root")
 
 StepFn = Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]]
 
@@ -69,16 +65,15 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
     several). Returns {"train_seconds", "final_loss"}; the model holds the final weights on every
     rank."""
     cfg.accum_iter, _ = effective_batch(cfg, section, dist_info.world_size)
-    ckpt = RunCheckpoint(out / "checkpoints" / "last.pt", inputs, dist_info.world_size)
-    ckpt_path = ckpt.path
-    settings = {"section": section, "params": cfg.model_dump(mode="json")}
     optimizer, scheduler = build_optimizer(model, cfg, no_weight_decay)
     amp_dtype = autocast_dtype(cfg.amp, device)
+    ckpt = RunCheckpoint(out / "checkpoints" / "last.pt", inputs, dist_info.world_size,
+                         params={section: cfg}, precision=precision_name(amp_dtype))
+    ckpt_path = ckpt.path
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     iteration, elapsed, last_loss = 0, 0.0, math.nan
     state = ckpt.load(finished=lambda state: state["iteration"] >= cfg.iterations)
     if state is not None:
-        _check_same_run(state["settings"], settings, ckpt_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -98,7 +93,7 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
     loader = DataLoader(SeededDataset(train_set), batch_sampler=sampler, collate_fn=collate,
                         num_workers=cfg.num_workers)
     if dist_info.is_main:
-        _truncate_log(out / "log.jsonl", iteration)
+        truncate_jsonl(out / "log.jsonl", "iteration", iteration)
     train_model = model
     if dist_info.enabled:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -145,8 +140,7 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
                 if dist_info.is_main:
                     ckpt.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                                 "scaler": scaler.state_dict(), "iteration": iteration,
-                                                "elapsed_seconds": now, "loss": last_loss,
-                                                "settings": settings})
+                                                "elapsed_seconds": now, "loss": last_loss})
                 distributed.barrier(dist_info)
             if iteration >= cfg.iterations:
                 break
@@ -159,21 +153,3 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
 
 def _top_lr(optimizer: torch.optim.Optimizer) -> float:
     return max(group["lr"] for group in optimizer.param_groups)
-
-
-def _check_same_run(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
-    """Resuming with other params would silently mix two runs."""
-    changed = [f"{saved['section']}.{k}: {saved['params'].get(k)!r} -> {v!r}"
-               for k, v in now["params"].items()
-               if k not in RESUMABLE_KEYS and saved["params"].get(k) != v]
-    if changed:
-        raise EmaeError(f"{path} was written with other params; use another --out or move it away. "
-                        "Changed: " + "; ".join(changed))
-
-
-def _truncate_log(path: Path, iteration: int) -> None:
-    """Drop log lines past the checkpoint we resume from (they will be written again)."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["iteration"] <= iteration]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))

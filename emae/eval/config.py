@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from emae.config import Betas, Section
+from emae.config import RESUMABLE, Betas, Section
 
 Pool = Annotated[Literal["token", "avg"], Field(description="class token, or mean of the patch tokens")]
 
@@ -26,7 +26,7 @@ class KnnConfig(Section):
 
 
 class LinprobeConfig(Section):
-    epochs: int = Field(gt=0)
+    epochs: int = Field(gt=0, json_schema_extra=RESUMABLE)
     batch_size: int = Field(gt=0, description="per device")
     accum_iter: int | None = Field(gt=0, description="batches per step (MAE's main_linprobe "
                                    "--accum_iter); null: derived from effective_batch_size")
@@ -39,13 +39,13 @@ class LinprobeConfig(Section):
     pool: Pool
     augment: bool = Field(description="false: cached features; true: RandomResizedCrop + flip")
     crop_scale_min: float = Field(gt=0, le=1)
-    checkpoint_every_steps: int = Field(gt=0)
+    checkpoint_every_steps: int = Field(gt=0, json_schema_extra=RESUMABLE)
     amp: Literal["auto", "bf16", "fp16", "off"]
     seed: int
 
 
 class FinetuneConfig(Section):
-    epochs: int = Field(gt=0)
+    epochs: int = Field(gt=0, json_schema_extra=RESUMABLE)
     batch_size: int = Field(gt=0, description="images per device per micro-batch")
     accum_iter: int | None = Field(gt=0, description="null: derived from effective_batch_size")
     effective_batch_size: int | None = Field(gt=0, description="images per step over all processes")
@@ -66,8 +66,8 @@ class FinetuneConfig(Section):
     rand_augment: str | None = Field(description="timm RandAugment string, e.g. rand-m9-mstd0.5-inc1")
     reprob: float = Field(ge=0, le=1, description="random erasing probability")
     crop_scale_min: float = Field(gt=0, le=1)
-    checkpoint_every_steps: int = Field(gt=0)
-    eval_every_epochs: int = Field(gt=0)
+    checkpoint_every_steps: int = Field(gt=0, json_schema_extra=RESUMABLE)
+    eval_every_epochs: int = Field(gt=0, json_schema_extra=RESUMABLE)
     amp: Literal["auto", "bf16", "fp16", "off"]
     seed: int
 

@@ -41,18 +41,19 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from emae.config import Config, add_config_arguments, config_from_args, effective_batch
+from emae.config import Config, effective_batch
 from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest, eval_transform
 from emae.errors import EmaeError
 from emae.eval.config import FinetuneConfig
-from emae.eval.features import (add_checkpoint_argument, add_random_init_argument, build_encoder,
+from emae.eval.features import (add_encoder_evaluation_arguments, build_encoder, run_encoder_evaluation,
                                 topk_correct)
-from emae.eval.training import append_jsonl, check_same_run, truncate_log
+from emae.io import append_jsonl, truncate_jsonl
 from emae.provenance import encoder_digest, write_metrics
 from emae.seeding import derive_seed, seed_everything, set_rng_states
 from emae.train import distributed
 from emae.train.checkpoint import RunCheckpoint
-from emae.train.common import LossMeter, autocast, autocast_dtype, default_device, optimizer_step
+from emae.train.common import (LossMeter, autocast, autocast_dtype, default_device, optimizer_step,
+                               precision_name)
 
 log = logging.getLogger("emae.finetune")
 POSTFIX_SECONDS = 1.0  # the progress bar's loss is refreshed at most this often (a host sync)
@@ -95,17 +96,11 @@ def build_criterion(cfg: FinetuneConfig) -> nn.Module:
 # ----------------------------------------------------------------------------------- command
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_checkpoint_argument(parser, "encoder export (runs/<variant>/encoder.safetensors)")
-    add_random_init_argument(parser)
-    add_config_arguments(parser, out_required=True)
+add_arguments = add_encoder_evaluation_arguments
 
 
 def run(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    metrics = finetune(config_from_args(args), Path(args.checkpoint), Path(args.out), args.random_init)
-    if metrics:
-        print(json.dumps(metrics, indent=2, sort_keys=True))
+    run_encoder_evaluation(finetune, args)
 
 
 def finetune(config: Config, checkpoint: Path, out: Path, random_init: bool = False) -> dict[str, Any]:
@@ -141,18 +136,16 @@ def finetune(config: Config, checkpoint: Path, out: Path, random_init: bool = Fa
                   switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.label_smoothing,
                   num_classes=config.data.num_classes) if cfg.mixing else None
     criterion = build_criterion(cfg)
-    run_config = {"finetune": cfg.model_dump(mode="json"), "data": config.data.model_dump(mode="json")}
 
     # resume
     ckpt = RunCheckpoint(out / "checkpoints" / "last.pt",
                          {"encoder": encoder_digest(checkpoint, random_init), "data": dataset_digest(config.data)},
-                         dist_info.world_size)
+                         dist_info.world_size, params={"finetune": cfg, "data": config.data},
+                         precision=precision_name(amp))
     ckpt_path = ckpt.path
     step, elapsed = 0, 0.0
     state = ckpt.load()
     if state is not None:
-        check_same_run(state["config"], run_config, ckpt_path,
-                       ignore={"epochs", "num_workers", "root", "eval_every_epochs"})
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -164,7 +157,7 @@ def finetune(config: Config, checkpoint: Path, out: Path, random_init: bool = Fa
         log.info("%s is complete (%d steps); nothing to do", out, total_steps)
         return json.loads((out / "metrics.json").read_text()) if dist_info.is_main else {}
     if dist_info.is_main:
-        truncate_log(out / "log.jsonl", "epoch", step // steps_per_epoch)
+        truncate_jsonl(out / "log.jsonl", "epoch", step // steps_per_epoch)
         log.info("fine-tuning %s: %d steps of %d images, lr %.3g, layer decay %g", checkpoint,
                  total_steps, eff_batch, lr, cfg.layer_decay)
     train_model: nn.Module = model
@@ -177,8 +170,7 @@ def finetune(config: Config, checkpoint: Path, out: Path, random_init: bool = Fa
         if dist_info.is_main:
             ckpt.save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "elapsed_seconds": elapsed_now,
-                "config": run_config, "rng": rng})
+                "scaler": scaler.state_dict(), "step": step, "elapsed_seconds": elapsed_now, "rng": rng})
         distributed.barrier(dist_info)
 
     result: dict[str, float] = {}

@@ -33,18 +33,18 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from tqdm import tqdm
 
-from emae.config import Config, add_config_arguments, config_from_args, effective_batch
+from emae.config import Config, effective_batch
 from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest, eval_transform
 from emae.errors import EmaeError
 from emae.eval.config import LinprobeConfig
-from emae.eval.features import (accuracy, add_checkpoint_argument, add_random_init_argument,
-                                build_encoder, extract_features, pooled)
-from emae.eval.training import append_jsonl, check_same_run, truncate_log
+from emae.eval.features import (accuracy, add_encoder_evaluation_arguments, build_encoder, extract_features,
+                                pooled, run_encoder_evaluation)
+from emae.io import append_jsonl, truncate_jsonl
 from emae.provenance import encoder_digest, write_metrics
 from emae.seeding import derive_seed, seed_everything, set_rng_states
 from emae.train import distributed
 from emae.train.checkpoint import RunCheckpoint
-from emae.train.common import LossMeter, autocast, autocast_dtype, default_device
+from emae.train.common import LossMeter, autocast, autocast_dtype, default_device, precision_name
 
 log = logging.getLogger("emae.linprobe")
 
@@ -81,18 +81,11 @@ def probe_train_transform(config: Config, cfg: LinprobeConfig) -> transforms.Com
 # ----------------------------------------------------------------------------------- command
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_checkpoint_argument(parser, "encoder export (runs/<variant>/encoder.safetensors)")
-    add_random_init_argument(parser)
-    add_config_arguments(parser, out_required=True)
+add_arguments = add_encoder_evaluation_arguments
 
 
 def run(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    metrics = evaluate_linprobe(config_from_args(args), Path(args.checkpoint), Path(args.out),
-                                random_init=args.random_init)
-    if metrics:
-        print(json.dumps(metrics, indent=2, sort_keys=True))
+    run_encoder_evaluation(evaluate_linprobe, args)
 
 
 def evaluate_linprobe(config: Config, checkpoint: Path, out: Path, random_init: bool = False
@@ -145,21 +138,19 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
     scheduler = CosineLRScheduler(optimizer, t_initial=total_steps - warmup, lr_min=cfg.min_lr,
                                   warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True,
                                   t_in_epochs=False)
-    run_config = {"linprobe": cfg.model_dump(mode="json"), "data": config.data.model_dump(mode="json")}
-
-    ckpt = RunCheckpoint(out / "checkpoints" / "last.pt", inputs, dist_info.world_size)
+    ckpt = RunCheckpoint(out / "checkpoints" / "last.pt", inputs, dist_info.world_size,
+                         params={"linprobe": cfg, "data": config.data}, precision=precision_name(amp))
     ckpt_path = ckpt.path
     step = 0
     state = ckpt.load()
     if state is not None:
-        check_same_run(state["config"], run_config, ckpt_path, ignore={"epochs", "num_workers", "root"})
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_states(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)])
         step = state["step"]
         log.info("resuming from %s at step %d/%d", ckpt_path, step, total_steps)
     if dist_info.is_main:
-        truncate_log(out / "log.jsonl", "epoch", step // steps_per_epoch)
+        truncate_jsonl(out / "log.jsonl", "epoch", step // steps_per_epoch)
 
     train_head: nn.Module = DistributedDataParallel(head) if dist_info.enabled else head
     loader = DataLoader(SeededDataset(train_set), batch_sampler=sampler,
@@ -171,7 +162,7 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
         rng = distributed.gather_rng_states(dist_info)
         if dist_info.is_main:
             ckpt.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "step": step, "config": run_config, "rng": rng})
+                       "step": step, "rng": rng})
         distributed.barrier(dist_info)
 
     record: dict[str, Any] = {}

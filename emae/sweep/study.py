@@ -29,7 +29,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartb
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
-from emae.config import Config, load_config
+from emae.config import Config, DataConfig, PretrainConfig, load_config
 from emae.errors import ConfigError, EmaeError
 from emae.sweep import liveness
 from emae.sweep.config import SweepConfig
@@ -41,9 +41,6 @@ log = logging.getLogger("emae.sweep")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 PARAMS_SNAPSHOT, JOURNAL, LOCK, SIGNATURE_ATTR = "params.yaml", "study.journal", "study", "emae_signature"
-# keys that do not change a trial's result and may differ between reruns of a study
-_FREE_KEYS = {("data", "root"), ("data", "num_workers"), ("pretrain", "checkpoint_every_steps"),
-              ("pretrain", "log_every_steps"), ("pretrain", "epochs"), ("pretrain", "knn_every_epochs")}
 _SCORING_SECTIONS = {"knn": ("knn",), "linprobe": ("knn", "linprobe")}
 
 
@@ -155,7 +152,9 @@ class Sweep:
 
     def signature(self) -> dict[str, Any]:
         """What defines the study's results: a rerun must match it (n_trials, workers may change)."""
-        base = {section: {k: v for k, v in self.base[section].items() if (section, k) not in _FREE_KEYS}
+        # keys a resumed run may change (emae.config.RESUMABLE) may also differ between reruns
+        free = {"data": DataConfig.resumable_keys(), "pretrain": PretrainConfig.resumable_keys()}
+        base = {section: {k: v for k, v in self.base[section].items() if k not in free.get(section, ())}
                 for section in ("data", "model", "pretrain", *_SCORING_SECTIONS[self.settings.objective])
                 if section in self.base}
         return json.loads(json.dumps({**self.settings.signature(), "base": base}, sort_keys=True))

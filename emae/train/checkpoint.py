@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import torch
 
+from emae.config import Section, changed_params
 from emae.errors import EmaeError
 from emae.io import atomic_write
 
@@ -44,20 +45,25 @@ class RunCheckpoint:
 
     `inputs` name the stage's inputs by digest (the encoder export, the data set): a checkpoint
     made from other inputs is not resumed (it would report the old run's figures for the new
-    inputs) but trained again from scratch, with a warning naming both digests. A checkpoint
-    written by another number of processes is refused: steps per epoch, the sampler's shards, the
-    lr and the masks all depend on it (a finished run may be evaluated by another count).
+    inputs) but trained again from scratch, with a warning naming both digests. Resuming with other
+    `params` (the sections that define the run; their resumable keys may change, see
+    emae.config.RESUMABLE) or in another `precision` (`amp: auto` resolves per machine) would mix
+    two runs: refused, naming what changed. So is a checkpoint written by another number of
+    processes: steps per epoch, the sampler's shards, the lr and the masks all depend on it (a
+    finished run may be evaluated by another count).
     """
 
     path: Path
     inputs: dict[str, str]
     world_size: int
+    params: dict[str, Section] = field(default_factory=dict)
+    precision: str | None = None  # the resolved compute dtype, e.g. "bfloat16"
     restarted: bool = field(default=False, init=False)  # True when a stale checkpoint was found
 
     def load(self, finished: Callable[[dict[str, Any]], bool] = lambda state: False
              ) -> dict[str, Any] | None:
         """The state to resume from, or None to start afresh; `finished(state)`: nothing is left
-        to train (only then may the process count differ)."""
+        to train (only then may the process count and the precision differ)."""
         state = load_checkpoint(self.path)
         if state is None:
             return None
@@ -69,12 +75,29 @@ class RunCheckpoint:
                         self.path, "; ".join(changed))
             self.restarted = True
             return None
+        if self.params and "params" not in state:
+            raise EmaeError(f"{self.path} records no params (an older emae wrote it): use another "
+                            "--out or move it away")
+        changed = changed_params(state.get("params", {}), self.params)
+        if changed:
+            raise EmaeError(f"{self.path} was written with other params; use another --out or move it "
+                            "away. Changed: " + "; ".join(changed))
+        if finished(state):
+            return state
         saved_world = state.get("world_size")
-        if saved_world is not None and saved_world != self.world_size and not finished(state):
+        if saved_world is not None and saved_world != self.world_size:
             raise EmaeError(f"{self.path} was written by {saved_world} process(es) but this run has "
                             f"{self.world_size}: resume with {saved_world} (the data shards, steps per "
                             "epoch, lr and masks depend on it), or use another --out")
+        saved_precision = state.get("precision")
+        if saved_precision is not None and self.precision is not None and saved_precision != self.precision:
+            raise EmaeError(f"{self.path} was trained in {saved_precision} but this run computes in "
+                            f"{self.precision} (amp 'auto' picks per machine: set the stage's amp to "
+                            "the checkpoint's precision to resume here), or use another --out")
         return state
 
     def save(self, state: dict[str, Any]) -> None:
-        save_checkpoint(self.path, {**state, "inputs": self.inputs, "world_size": self.world_size})
+        save_checkpoint(self.path, {
+            **state, "inputs": self.inputs, "world_size": self.world_size, "precision": self.precision,
+            "params": {name: section.model_dump(mode="json") for name, section in self.params.items()},
+        })

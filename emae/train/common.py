@@ -56,6 +56,11 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if native else None
 
 
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """What a checkpoint records of autocast_dtype's answer: "bfloat16", "float16" or "float32"."""
+    return str(amp_dtype or torch.float32).removeprefix("torch.")
+
+
 @lru_cache(maxsize=None)
 def _log_auto_choice(device_type: str, native: str | None) -> None:
     if native:

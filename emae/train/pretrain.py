@@ -42,7 +42,7 @@ from emae.data import (ResumableBatchSampler, SeededDataset, build_dataset, data
                        pretrain_transform)
 from emae.errors import EmaeError
 from emae.flops import fit_epochs, train_flops_per_image
-from emae.io import append_jsonl, atomic_write_text
+from emae.io import append_jsonl, truncate_jsonl
 from emae.masking import masked_in_both
 from emae.models import EMAE, save_encoder
 from emae.models.export import ENCODER_FILE
@@ -51,7 +51,7 @@ from emae.seeding import derive_seed, seed_everything, set_rng_states
 from emae.train import distributed
 from emae.train.checkpoint import RunCheckpoint
 from emae.train.common import (LossMeter, autocast, autocast_dtype, default_device, optimizer_step,
-                               set_deterministic)
+                               precision_name, set_deterministic)
 
 log = logging.getLogger("emae.pretrain")
 
@@ -124,12 +124,13 @@ def pretrain(config: Config, out: Path,
 
     # resume
     ckpt = RunCheckpoint(out / "checkpoints" / "last.pt", {"data": dataset_digest(config.data)},
-                         dist_info.world_size)
+                         dist_info.world_size, params={"model": config.model, "pretrain": cfg, "data": config.data},
+                         precision=precision_name(amp_dtype))
     ckpt_path = ckpt.path
     state = ckpt.load()
     step, elapsed = 0, 0.0
     if state is not None:
-        _check_same_run(state["config"], config, ckpt_path, state["step"], steps_per_epoch)
+        _check_epochs(state["params"]["pretrain"]["epochs"], cfg.epochs, state["step"], steps_per_epoch, ckpt_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -150,7 +151,8 @@ def pretrain(config: Config, out: Path,
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
-        _truncate_logs(out, step, steps_per_epoch)
+        truncate_jsonl(out / "steps.jsonl", "step", step)
+        truncate_jsonl(out / "log.jsonl", "epoch", step // steps_per_epoch)
         if ckpt.restarted:  # the stale run's TensorBoard scalars would mix with this one's
             shutil.rmtree(out / "tb", ignore_errors=True)
         if (config.model.num_parts > 1 and config.model.consistency_weight > 0
@@ -268,27 +270,16 @@ def _save(ckpt: RunCheckpoint, model: EMAE, optimizer: torch.optim.Optimizer, sc
     distributed.barrier(dist_info)
 
 
-def _check_same_run(saved: dict[str, Any], config: Config, path: Path, step: int,
-                    steps_per_epoch: int) -> None:
-    """Resuming with other model/data/pretrain settings would silently mix two runs. More
-    `pretrain.epochs` extend a run (the cosine schedule is laid over the new total from here on, a
-    warm restart: logged); fewer than the checkpoint has trained are refused."""
-    now = config.to_dict()
-    changed = [f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
-               for section in ("model", "pretrain", "data") for key, value in now[section].items()
-               if saved.get(section, {}).get(key) != value and key not in ("num_workers", "epochs",
-                                                                          "root", "knn_every_epochs")]
-    before = saved.get("pretrain", {}).get("epochs")
-    if before is not None and config.pretrain.epochs < before and step > steps_per_epoch * config.pretrain.epochs:
-        changed.append(f"pretrain.epochs: {before} -> {config.pretrain.epochs} (the checkpoint has trained "
-                       f"{step / steps_per_epoch:g} epochs)")
-    elif before is not None and config.pretrain.epochs != before:
-        log.warning("pretrain.epochs %s -> %s: the lr schedule is laid over %s epochs from step %d on "
-                    "(a finished run restarts from a higher lr)", before, config.pretrain.epochs,
-                    config.pretrain.epochs, step)
-    if changed:
+def _check_epochs(before: int, epochs: int, step: int, steps_per_epoch: int, path: Path) -> None:
+    """More `pretrain.epochs` extend a run (the cosine schedule is laid over the new total from here
+    on, a warm restart: logged); fewer than the checkpoint has trained are refused."""
+    if epochs < before and step > steps_per_epoch * epochs:
         raise EmaeError(f"{path} was written with other params; use another --out or move it away. "
-                        "Changed: " + "; ".join(changed))
+                        f"Changed: pretrain.epochs: {before} -> {epochs} (the checkpoint has trained "
+                        f"{step / steps_per_epoch:g} epochs)")
+    if epochs != before:
+        log.warning("pretrain.epochs %s -> %s: the lr schedule is laid over %s epochs from step %d on "
+                    "(a finished run restarts from a higher lr)", before, epochs, epochs, step)
 
 
 def _knn_monitor(model: EMAE, config: Config, device: torch.device,
@@ -316,13 +307,3 @@ def _log_step(out: Path, writer: Any, step: int, scalars: dict[str, float]) -> N
     if writer is not None:
         for k, v in scalars.items():
             writer.add_scalar(f"train/{k}", v, step)
-
-
-def _truncate_logs(out: Path, step: int, steps_per_epoch: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
-    for name, key, limit in (("steps.jsonl", "step", step), ("log.jsonl", "epoch", step // steps_per_epoch)):
-        path = out / name
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)[key] <= limit]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
