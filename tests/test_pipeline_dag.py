@@ -118,6 +118,19 @@ def test_overrides_given_as_text_or_list(tmp_path: Path, overrides: str) -> None
     assert runs == {"1"}, runs
 
 
+def test_pretraining_starts_first_and_longest_first(tmp_path: Path) -> None:
+    """Two job slots should not end on one long pre-training and an idle core: pre-training jobs
+    have priority over the evaluations, more by their planned FLOPs (EMAE at equal epochs first)."""
+    result = snakemake(tmp_path, "-n", "--cores", "2", "--config", f"params={PARAMS}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = re.findall(r"^rule (\w+):\n(?:    .*\n)*?    wildcards: variant=(\w+), seed=(\d+)\n"
+                      r"(?:    priority: (\d+)\n)?", result.stdout + result.stderr, re.M)
+    priority = {(rule, variant): int(p or 0) for rule, variant, _, p in jobs}
+    assert min(p for (rule, _), p in priority.items() if rule == "pretrain") > 0
+    assert all(p == 0 for (rule, _), p in priority.items() if rule != "pretrain")
+    assert priority["pretrain", "emae"] > priority["pretrain", "mae"] > priority["pretrain", "emae_eqflops"]
+
+
 def test_imagenet_presets_follow_the_mae_recipe() -> None:
     from emae.config import load_config
 

@@ -1,11 +1,14 @@
 """What the evaluations share: loading a frozen encoder (checked against the data before any
-heavy work), sharded feature extraction that every rank ends up with in full, top-k accuracy."""
+heavy work), sharded feature extraction that every rank ends up with in full, top-k accuracy,
+and the command line of the evaluations that read an encoder export."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -14,6 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from emae.config import add_config_arguments, config_from_args
 from emae.errors import EmaeError
 from emae.models.export import encoder_kwargs, load_encoder, reinitialise
 from emae.seeding import derive_seed, seed_everything
@@ -47,6 +51,23 @@ def add_random_init_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-init", action="store_true",
                         help="baseline: the same architecture, freshly initialised as pre-training "
                              "starts (the checkpoint only gives the architecture)")
+
+
+def add_encoder_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command line of kNN, linear probe and fine-tuning: an encoder export, or the random-init
+    baseline of its architecture, and the params."""
+    add_checkpoint_argument(parser, "encoder export (runs/<variant>/encoder.safetensors)")
+    add_random_init_argument(parser)
+    add_config_arguments(parser, out_required=True)
+
+
+def run_encoder_evaluation(evaluate: Callable[..., dict[str, Any]], args: argparse.Namespace) -> None:
+    """`evaluate(config, checkpoint, out, random_init=...)` from the parsed command line; prints its
+    metrics (none on the ranks other than the first)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    metrics = evaluate(config_from_args(args), Path(args.checkpoint), Path(args.out), random_init=args.random_init)
+    if metrics:
+        print(json.dumps(metrics, indent=2, sort_keys=True))
 
 
 def export_kwargs(path: str | Path) -> dict[str, Any]:

@@ -9,7 +9,6 @@ feature_dim, random_init, checkpoint, seconds}.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,11 +17,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from emae.config import Config, add_config_arguments, config_from_args
+from emae.config import Config
 from emae.data import build_dataset, dataset_digest, eval_transform
 from emae.eval.config import KnnConfig
-from emae.eval.features import (accuracy, add_checkpoint_argument, add_random_init_argument,
-                                build_encoder, extract_features)
+from emae.eval.features import (accuracy, add_encoder_evaluation_arguments, build_encoder, extract_features,
+                                run_encoder_evaluation)
 from emae.provenance import encoder_digest, write_metrics
 from emae.train import distributed
 from emae.train.common import autocast_dtype, default_device
@@ -84,18 +83,11 @@ def _datasets(config: Config) -> tuple[Any, Any]:
 # ----------------------------------------------------------------------------------- command
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_checkpoint_argument(parser, "encoder export (runs/<variant>/encoder.safetensors)")
-    add_random_init_argument(parser)
-    add_config_arguments(parser, out_required=True)
+add_arguments = add_encoder_evaluation_arguments
 
 
 def run(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    metrics = evaluate_knn(config_from_args(args), Path(args.checkpoint), Path(args.out),
-                           random_init=args.random_init)
-    if metrics:
-        print(json.dumps(metrics, indent=2, sort_keys=True))
+    run_encoder_evaluation(evaluate_knn, args)
 
 
 def evaluate_knn(config: Config, checkpoint: Path, out: Path, random_init: bool = False

@@ -53,6 +53,16 @@ THREADS = config["threads"] or (max(1, workflow.cores // 2) if LOCAL else workfl
 THREAD_ENV = "OMP_NUM_THREADS={threads} " if LOCAL else ""
 
 
+# Pre-training first, the longest (the plan's FLOPs) first: evaluations then fill both job slots to
+# the end, where in Snakemake's own order the study could end on one long pre-training and an idle core.
+_PRETRAIN_FLOPS = {job.run: job.flops or 0.0 for job in PLAN.jobs if job.stage == "pretrain"}
+_PRETRAIN_ORDER = {run: rank for rank, run in enumerate(sorted(_PRETRAIN_FLOPS, key=_PRETRAIN_FLOPS.get), 1)}
+
+
+def pretrain_priority(wildcards):
+    return _PRETRAIN_ORDER.get(f"{wildcards.variant}/seed{wildcards.seed}", 1)
+
+
 def launcher_args(stage):
     """`config["launcher"]` as `emae stage --launcher key=value` arguments (this stage's part)."""
     launcher = config["launcher"]

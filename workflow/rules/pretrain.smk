@@ -5,4 +5,5 @@ rule pretrain:
     params: values=stage_params("pretrain"), code=stage_code("pretrain"), args=stage_args("pretrain")
     log: log_path("pretrain")
     threads: THREADS
+    priority: pretrain_priority
     shell: THREAD_ENV + "{EMAE} stage {params.args} > {log} 2>&1"
