@@ -8,7 +8,6 @@
 #
 # What runs (variants, seeds, stages) and every number are in params/; the stages are described
 # once in emae/workflow/stages.py, which also generates dvc.yaml (`emae dvc-yaml`).
-import os
 import sys
 
 sys.path.insert(0, workflow.basedir)  # the emae of this checkout
@@ -42,6 +41,4 @@ include: "workflow/rules/report.smk"
 
 # Optuna sweeps (`snakemake sweep`, or results/sweeps/<study>/best.yaml); in `all` only when
 # pipeline.stages.sweep is true.
-if os.path.exists(os.path.join(workflow.basedir, "workflow", "rules", "sweep.smk")):
-
-    include: "workflow/rules/sweep.smk"
+include: "workflow/rules/sweep.smk"

@@ -49,7 +49,7 @@ from emae.eval.features import (add_encoder_evaluation_arguments, build_encoder,
                                 topk_correct)
 from emae.io import append_jsonl, truncate_jsonl
 from emae.provenance import encoder_digest, write_metrics
-from emae.seeding import derive_seed, seed_everything, set_rng_states
+from emae.seeding import derive_seed, seed_everything
 from emae.train import distributed
 from emae.train.checkpoint import RunCheckpoint
 from emae.train.common import (LossMeter, autocast, autocast_dtype, default_device, optimizer_step,
@@ -149,7 +149,6 @@ def finetune(config: Config, checkpoint: Path, out: Path, random_init: bool = Fa
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_states(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)])
         step, elapsed = state["step"], state["elapsed_seconds"]
         if dist_info.is_main:
             log.info("resuming from %s at step %d/%d", ckpt_path, step, total_steps)
@@ -166,11 +165,10 @@ def finetune(config: Config, checkpoint: Path, out: Path, random_init: bool = Fa
 
     def save(elapsed_now: float, meter: LossMeter) -> None:
         meter.raise_if_non_finite(ckpt_path)
-        rng = distributed.gather_rng_states(dist_info)
         if dist_info.is_main:
             ckpt.save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "elapsed_seconds": elapsed_now, "rng": rng})
+                "scaler": scaler.state_dict(), "step": step, "elapsed_seconds": elapsed_now})
         distributed.barrier(dist_info)
 
     result: dict[str, float] = {}

@@ -41,7 +41,7 @@ from emae.eval.features import (accuracy, add_encoder_evaluation_arguments, buil
                                 pooled, run_encoder_evaluation)
 from emae.io import append_jsonl, truncate_jsonl
 from emae.provenance import encoder_digest, write_metrics
-from emae.seeding import derive_seed, seed_everything, set_rng_states
+from emae.seeding import derive_seed, seed_everything
 from emae.train import distributed
 from emae.train.checkpoint import RunCheckpoint
 from emae.train.common import LossMeter, autocast, autocast_dtype, default_device, precision_name
@@ -146,7 +146,6 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
     if state is not None:
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
-        set_rng_states(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)])
         step = state["step"]
         log.info("resuming from %s at step %d/%d", ckpt_path, step, total_steps)
     if dist_info.is_main:
@@ -159,10 +158,8 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
 
     def save(meter: LossMeter) -> None:
         meter.raise_if_non_finite(ckpt_path)  # every rank: all raise together, no bad head saved
-        rng = distributed.gather_rng_states(dist_info)
         if dist_info.is_main:
-            ckpt.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                       "step": step, "rng": rng})
+            ckpt.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "step": step})
         distributed.barrier(dist_info)
 
     record: dict[str, Any] = {}

@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 from emae.errors import EmaeError
-from emae.seeding import rng_states
 
 TIMEOUT_ENV = "EMAE_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0  # NCCL's own default; gloo's (30 min) is longer than a hang should last
@@ -110,16 +109,6 @@ def gather_rows(row: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def mean_across(value: float, info: DistInfo, device: torch.device) -> float:
     """A Python number averaged over the ranks."""
     return float(all_reduce_mean(torch.tensor(value, device=device), info))
-
-
-def gather_rng_states(info: DistInfo) -> list[dict[str, object]]:
-    """RNG states of every rank, for a checkpoint (rank r resumes from entry r)."""
-    states = rng_states()
-    if not info.enabled:
-        return [states]
-    gathered: list[object] = [None] * info.world_size
-    dist.all_gather_object(gathered, states)
-    return gathered  # type: ignore[return-value]
 
 
 def cleanup(info: DistInfo) -> None:

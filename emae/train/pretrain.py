@@ -47,7 +47,7 @@ from emae.masking import masked_in_both
 from emae.models import EMAE, save_encoder
 from emae.models.export import ENCODER_FILE
 from emae.provenance import write_metrics
-from emae.seeding import derive_seed, seed_everything, set_rng_states
+from emae.seeding import derive_seed, seed_everything
 from emae.train import distributed
 from emae.train.checkpoint import RunCheckpoint
 from emae.train.common import (LossMeter, autocast, autocast_dtype, default_device, optimizer_step,
@@ -134,7 +134,6 @@ def pretrain(config: Config, out: Path,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_states(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)])
         step, elapsed = state["step"], state["elapsed_seconds"]
         if dist_info.is_main:
             log.info("resuming from %s at step %d/%d", ckpt_path, step, total_steps)
@@ -260,12 +259,12 @@ def pretrain(config: Config, out: Path,
 
 def _save(ckpt: RunCheckpoint, model: EMAE, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
           config: Config, step: int, elapsed: float, dist_info: distributed.DistInfo) -> None:
-    rng = distributed.gather_rng_states(dist_info)
+    # no RNG states: every random draw is seeded from (seed, step, ...) by derive_seed
     if dist_info.is_main:
         ckpt.save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "step": step, "elapsed_seconds": elapsed,
-            "config": config.to_dict(), "rng": rng,
+            "config": config.to_dict(),
         })
     distributed.barrier(dist_info)
 
