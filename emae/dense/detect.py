@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import time
 from pathlib import Path
@@ -30,11 +29,11 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import MultiScaleRoIAlign
 from tqdm import tqdm
 
-from emae.config import Config, add_config_arguments, config_from_args, save_config
+from emae.config import Config, save_config
 from emae.dense.backbone import ViTDetBackbone, build_backbone, no_weight_decay, vit_group_matcher
 from emae.dense.data import CocoInstances, detection_collate
 from emae.dense.engine import fit
-from emae.eval.features import add_random_init_argument
+from emae.eval.features import add_encoder_evaluation_arguments, run_encoder_evaluation
 from emae.errors import EmaeError
 from emae.io import atomic_write_text
 from emae.provenance import encoder_digest, tree_digest, write_metrics
@@ -54,17 +53,11 @@ class ViTMaskRCNN(MaskRCNN):
         return vit_group_matcher()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="ENCODER",
-                        help="encoder export of `emae pretrain` (runs/<variant>/encoder.safetensors)")
-    add_random_init_argument(parser)
-    add_config_arguments(parser, out_required=True)
+add_arguments = add_encoder_evaluation_arguments
 
 
 def run(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    metrics = detect(config_from_args(args), Path(args.checkpoint), Path(args.out), args.random_init)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
+    run_encoder_evaluation(detect, args)
 
 
 def build_detector(backbone: ViTDetBackbone, num_classes: int, cfg: Any, mean: tuple[float, ...],

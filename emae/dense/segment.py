@@ -16,7 +16,6 @@ logits resized back to the label's size (no sliding window, no auxiliary FCN hea
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -29,11 +28,11 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.ops.misc import Conv2dNormActivation
 from tqdm import tqdm
 
-from emae.config import Config, add_config_arguments, config_from_args, save_config
+from emae.config import Config, save_config
 from emae.dense.backbone import ViTDetBackbone, build_backbone, no_weight_decay, vit_group_matcher
 from emae.dense.data import SemanticSegmentation, pad_batch, segmentation_collate
 from emae.dense.engine import fit
-from emae.eval.features import add_random_init_argument
+from emae.eval.features import add_encoder_evaluation_arguments, run_encoder_evaluation
 from emae.provenance import encoder_digest, tree_digest, write_metrics
 from emae.seeding import derive_seed, seed_everything
 from emae.train import distributed
@@ -42,17 +41,11 @@ from emae.train.common import default_device
 log = logging.getLogger("emae.segment")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="ENCODER",
-                        help="encoder export of `emae pretrain` (runs/<variant>/encoder.safetensors)")
-    add_random_init_argument(parser)
-    add_config_arguments(parser, out_required=True)
+add_arguments = add_encoder_evaluation_arguments
 
 
 def run(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    metrics = segment(config_from_args(args), Path(args.checkpoint), Path(args.out), args.random_init)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "seg_iou_per_class"}, indent=2, sort_keys=True))
+    run_encoder_evaluation(segment, args, hidden=("seg_iou_per_class",))
 
 
 def _conv(cin: int, cout: int, kernel: int) -> Conv2dNormActivation:

@@ -54,20 +54,21 @@ def add_random_init_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_encoder_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
-    """The command line of kNN, linear probe and fine-tuning: an encoder export, or the random-init
-    baseline of its architecture, and the params."""
+    """The command line of kNN, linear probe, fine-tuning and dense transfer: an encoder export, or
+    the random-init baseline of its architecture, and the params."""
     add_checkpoint_argument(parser, "encoder export (runs/<variant>/encoder.safetensors)")
     add_random_init_argument(parser)
     add_config_arguments(parser, out_required=True)
 
 
-def run_encoder_evaluation(evaluate: Callable[..., dict[str, Any]], args: argparse.Namespace) -> None:
+def run_encoder_evaluation(evaluate: Callable[..., dict[str, Any]], args: argparse.Namespace,
+                           hidden: tuple[str, ...] = ()) -> None:
     """`evaluate(config, checkpoint, out, random_init=...)` from the parsed command line; prints its
-    metrics (none on the ranks other than the first)."""
+    metrics but the `hidden` ones (none on the ranks other than the first)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     metrics = evaluate(config_from_args(args), Path(args.checkpoint), Path(args.out), random_init=args.random_init)
     if metrics:
-        print(json.dumps(metrics, indent=2, sort_keys=True))
+        print(json.dumps({k: v for k, v in metrics.items() if k not in hidden}, indent=2, sort_keys=True))
 
 
 def export_kwargs(path: str | Path) -> dict[str, Any]:
