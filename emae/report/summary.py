@@ -90,13 +90,7 @@ def run_row(pipeline: Pipeline, run: Run, root: Path = Path(".")) -> dict[str, A
     if pipeline.stage_enabled("consistency"):
         path = root / run.result_dir("consistency") / "metrics.json"
         row["consistency"] = _number(_metrics(path), "consistency", path)
-    for stage, keys in DENSE_KEYS.items():
-        row |= {key: math.nan for key in keys}
-        if pipeline.stage_enabled(stage):
-            path = root / run.result_dir(stage) / "metrics.json"
-            metrics = _metrics(path)
-            row |= {key: _number(metrics, key, path) for key in keys}
-    return row
+    return row | _dense_figures(pipeline, run, DENSE_STAGES, root)
 
 
 def _eval_figures(pipeline: Pipeline, run: Run, stages: tuple[str, ...], root: Path) -> dict[str, float]:
@@ -112,11 +106,23 @@ def _eval_figures(pipeline: Pipeline, run: Run, stages: tuple[str, ...], root: P
     return row
 
 
+def _dense_figures(pipeline: Pipeline, run: Run, stages: tuple[str, ...], root: Path) -> dict[str, float]:
+    row = {}
+    for stage, keys in DENSE_KEYS.items():
+        row |= {key: math.nan for key in keys}
+        if stage in stages and pipeline.stage_enabled(stage):
+            path = root / run.result_dir(stage) / "metrics.json"
+            metrics = _metrics(path)
+            row |= {key: _number(metrics, key, path) for key in keys}
+    return row
+
+
 def baseline_row(pipeline: Pipeline, run: Run, root: Path = Path(".")) -> dict[str, Any]:
     """A baseline (no pre-training): its evaluation figures; settings and the rest are NaN."""
     row: dict[str, Any] = {"variant": run.variant, "seed": run.seed,
                            **{c: math.nan for c in [*SETTINGS, *MEASURES, "pretrain_knn_top1"]}}
-    return row | _eval_figures(pipeline, run, tuple(pipeline.baseline_stages(run)), root)
+    stages = tuple(pipeline.baseline_stages(run))
+    return row | _eval_figures(pipeline, run, stages, root) | _dense_figures(pipeline, run, stages, root)
 
 
 def runs_table(pipeline: Pipeline, root: Path = Path(".")) -> pd.DataFrame:

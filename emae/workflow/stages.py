@@ -8,7 +8,7 @@ and every variant merged over it) and lists the concrete jobs of the DAG:
     knn, linprobe, finetune, consistency, visualize
                per variant x seed -> results/<variant>/seed<seed>/<stage>/
     baselines  per seed: results/pixels/seed<seed>/{knn,linprobe}/ (raw pixels) and
-               results/random_init/seed<seed>/{knn,linprobe,finetune}/ (the reference variant's
+               results/random_init/seed<seed>/{knn,linprobe,finetune,detect,segment}/ (the reference variant's
                architecture at its initial weights; fine-tuning it is training from scratch)
     report                       -> results/report/
 
@@ -45,7 +45,7 @@ RUN_STAGES = ("pretrain", *EVAL_STAGES, *MODEL_STAGES, *DENSE_STAGES)
 TRAINING_STAGES = ("pretrain", "linprobe", "finetune", *DENSE_STAGES)  # step with an effective batch
 STAGES = ("prepare", "prepare_dense", *RUN_STAGES, "report", "sweep")
 # baseline "runs" (no pre-training) -> the evaluation stages each one has
-BASELINE_STAGES = {"pixels": ("knn", "linprobe"), "random_init": EVAL_STAGES}
+BASELINE_STAGES = {"pixels": ("knn", "linprobe"), "random_init": (*EVAL_STAGES, *DENSE_STAGES)}
 SWEEP_DIR = f"{RESULTS_DIR}/sweeps"
 SWEEP_STUDY = "k_mask_ratio"  # the study the pipeline runs when pipeline.stages.sweep is true
 
@@ -225,7 +225,8 @@ class Pipeline:
         if run == PATTERN:
             return []
         if run.variant in BASELINE_STAGES:
-            seeds = [f"{stage}.seed={run.seed}" for stage in BASELINE_STAGES[run.variant]]
+            # (a dense job adds its own: switching dense on leaves the other jobs' commands as they are)
+            seeds = [f"{stage}.seed={run.seed}" for stage in BASELINE_STAGES[run.variant] if stage in EVAL_STAGES]
             return [*self.run_overrides(Run(self.settings.reference, run.seed)), *seeds]
         budget = flatten(self._budget_tree(run)) if run.variant in self.budgets else []
         return [*flatten(self.settings.overrides), *flatten(self.settings.variants[run.variant]),
@@ -366,19 +367,24 @@ class Pipeline:
             params=["dense_data", "prepare.val_fraction", "prepare.seed"])
 
     def _job_dense(self, stage: str, run: Run) -> StageJob:
-        """Detection / segmentation on the exported encoder (resume state persists, as pretrain's)."""
+        """Detection / segmentation on the exported encoder (resume state persists, as pretrain's);
+        the random_init baseline: on the reference variant's architecture at its initial weights."""
+        random_init = run.variant in BASELINE_STAGES
+        source = Run(self.settings.reference, run.seed) if random_init else run
         out = run.result_dir(stage)
         outs = [Out(f"{out}/metrics.json", kind="metrics"), Out(f"{out}/config.yaml"),
                 *([Out(f"{out}/coco_eval.txt")] if stage == "detect" else []),
                 Out(f"{out}/checkpoints", persist=True, directory=True),
                 Out(f"{out}/log.jsonl", persist=True)]
-        deps = [f"{run.run_dir}/encoder.safetensors"]
+        deps = [f"{source.run_dir}/encoder.safetensors"]
         if self.stage_enabled("prepare_dense"):
             deps.append(self.config.extra["dense_data"]["root"])
+        baseline = ["--random-init"] if random_init else []
+        seed = [f"{stage}.seed={run.seed}"] if random_init else []
         return StageJob(
-            stage, run, [stage, "--checkpoint", deps[0], *self._common_argv(), "-o", out,
-                         *self.run_overrides(run)],
-            deps=deps, outs=outs, params=["data.mean", "data.std", stage, *self._variant_params(run)])
+            stage, run, [stage, "--checkpoint", deps[0], *baseline, *self._common_argv(), "-o", out,
+                         *self.run_overrides(run), *seed],
+            deps=deps, outs=outs, params=["data.mean", "data.std", stage, *self._variant_params(source)])
 
     def _job_pretrain(self, stage: str, run: Run) -> StageJob:
         d = run.run_dir
