@@ -204,6 +204,13 @@ def test_dags_agree_with_the_dense_stages_on(tmp_path: Path) -> None:
     run_cli("dvc-yaml", "-p", str(params), "-o", str(dvc_file))
     stages = yaml.safe_load(dvc_file.read_text())["stages"]
     assert {"prepare_dense", "detect-emae-seed0", "segment-mae-seed0"} <= set(stages)
+    # the random-init baseline: the reference's architecture (mae) at its initial weights, its seed
+    from emae.workflow.stages import Pipeline, Run
+
+    for stage in ("detect", "segment"):
+        assert "runs/mae/seed1/encoder.safetensors" in stages[f"{stage}-random_init-seed1"]["deps"]
+        argv = " ".join(Pipeline(params).job(stage, Run("random_init", 1)).argv)
+        assert "--checkpoint runs/mae/seed1/encoder.safetensors --random-init" in argv and f"{stage}.seed=1" in argv
     work = tmp_path / "work"
     work.mkdir()
     _assert_dags_agree(params, dvc_file, work)
