@@ -24,10 +24,12 @@ def derive_seed(*parts: object) -> int:
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Seed torch (CPU), numpy and python's `random` inside the block; restore them after.
-    Transforms of torchvision and timm draw from these global generators."""
+    Transforms of torchvision and timm draw from these global generators. Only the CPU generator:
+    `torch.manual_seed` also seeds every accelerator, which without an initialised CUDA records a
+    stack trace per call (~1 ms, 70% of a pre-training step on the embedded set, once per sample)."""
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % (1 << 32))
         try:

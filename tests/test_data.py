@@ -1,13 +1,16 @@
 import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from emae.config import load_config
 from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest, pretrain_transform
 from emae.errors import EmaeError
+from emae.seeding import seeded
 from tests.conftest import CORE_PARAMS
 
 
@@ -86,6 +89,16 @@ def test_seeded_augmentation_depends_only_on_the_seed(digits_root: Path) -> None
     b, _ = dataset[(4, 123)]
     c, _ = dataset[(4, 124)]
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_seeded_draws_what_a_seeded_cpu_generator_draws_and_restores_the_state() -> None:
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    with seeded(7):
+        inside = (torch.rand(4), random.random(), np.random.rand())
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert (np.random.get_state()[1] == before[2]).all()
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    assert torch.equal(inside[0], torch.rand(4)) and inside[1:] == (random.random(), np.random.rand())
 
 
 def test_dataset_digest_changes_with_any_file_and_only_then(small_tree: Path) -> None:
