@@ -23,6 +23,7 @@ native bf16 (`emae.provenance.cpu_bf16`) and what `amp: auto` picks on it. Ratio
 of issue 16 go to `benchmarks/results/<name>.json`.
 
     python benchmarks/step_throughput.py                      # CPU: ViT-Tiny-sized, batch 64
+    python benchmarks/step_throughput.py --params params --variants mae,emae_k4 --name cpu-embedded-default
     python benchmarks/step_throughput.py --smoke --out /tmp/x # seconds; checks the plumbing
     python benchmarks/step_throughput.py --profile mae --precisions bf16   # where the time goes
 """
@@ -482,6 +483,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precisions", default=",".join(PRECISIONS),
                         help="comma-separated, from " + ", ".join(PRECISIONS) + " (default: both)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (default 64)")
+    parser.add_argument("--params", type=Path, default=None, metavar="DIR",
+                        help="measure at the model dims, image size and batch of this params tree "
+                        "(e.g. params: the embedded default, what `emae plan` reads on this CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7; smoke 1)")
     parser.add_argument("--steps", type=int, default=None, help="steps per variant per round (default 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default 3)")
@@ -522,6 +526,15 @@ def resolve_device(spec: str) -> torch.device:
 
 def dims_for(args: argparse.Namespace) -> Dims:
     d = SMOKE_DIMS if args.smoke else CPU_DIMS
+    if args.params:
+        from emae.config import load_config
+
+        cfg = load_config([args.params])
+        m = cfg.model
+        d = Dims(img_size=cfg.data.image_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
+                 num_heads=m.num_heads, decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
+                 decoder_num_heads=m.decoder_num_heads, batch_size=cfg.pretrain.batch_size,
+                 mlp_ratio=m.mlp_ratio, mask_ratio=m.mask_ratio, in_chans=cfg.data.in_chans)
     return replace(d, batch_size=args.batch_size) if args.batch_size else d
 
 

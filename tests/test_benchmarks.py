@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import REPO, cli_env
+from conftest import PARAMS, REPO, cli_env
 from emae.provenance import cpu_bf16
 
 BENCH = REPO / "benchmarks"
@@ -116,6 +117,14 @@ def test_attention_benchmark_smoke(tmp_path: Path) -> None:
     rows = json.loads((tmp_path / "attention-smoke.json").read_text())["rows"]
     assert {(r["dtype"], r["length"]) for r in rows} == {(d, n) for d in ("fp32", "bf16") for n in (5, 17)}
     assert all(r["picked"] == "math" and set(r["ms"]) >= {"flash", "math"} for r in rows)  # short: math
+
+
+def test_step_throughput_measures_at_a_params_trees_dims() -> None:
+    """`--params` gives the dims `emae plan` matches a CPU job against (the embedded default's)."""
+    d = st.dims_for(st.parse_args(["--params", str(PARAMS)]))
+    assert (d.patch_size, d.embed_dim, d.depth, d.decoder_embed_dim, d.batch_size) == (8, 128, 6, 96, 128)
+    committed = json.loads((BENCH / "results" / "cpu-embedded-default.json").read_text())
+    assert committed["dims"] == asdict(d)  # the committed figures are of today's default
 
 
 def test_step_throughput_rejects_unknown_variant(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -190,12 +191,18 @@ def test_measured_gpu_throughput_replaces_the_assumed_one(vit_b16: Pipeline, tmp
     assert (emae.throughput.measured, emae.throughput.flops_per_s) == (True, 4.2e14)
     assert "gpu-nvidia-h100-80gb-hbm3.json emae_k4" in emae.throughput.source
     assert not _job(result, "finetune", "mae").throughput.measured
-    # the CPU's figures come from the committed benchmark of this machine
-    cpu = throughput(CPU, num_parts=4, results_dir=BENCHMARKS)
-    committed = json.loads((BENCHMARKS / "cpu-this-machine.json").read_text())
-    emae_k4 = committed["precisions"][committed["amp_auto"]]["variants"]["emae_k4"]  # what amp auto runs
-    assert cpu.measured and cpu.flops_per_s == emae_k4["flops_per_s"]
-    assert f"emae_k4 {committed['amp_auto']}:" in cpu.source
+    # the CPU's figures come from the committed benchmarks of this machine, the one at the model's dims
+    for name in ("cpu-embedded-default.json", "cpu-this-machine.json"):
+        committed = json.loads((BENCHMARKS / name).read_text())
+        model = SimpleNamespace(**committed["dims"])
+        cpu = throughput(CPU, num_parts=4, model=model, results_dir=BENCHMARKS)
+        emae_k4 = committed["precisions"][committed["amp_auto"]]["variants"]["emae_k4"]  # what amp auto runs
+        assert cpu.measured and cpu.flops_per_s == emae_k4["flops_per_s"]
+        assert cpu.source.startswith(f"{name} emae_k4 {committed['amp_auto']}:")
+    # a rate measured at other dims is labelled assumed, naming the dims it was measured at
+    other = throughput(CPU, num_parts=4, model=SimpleNamespace(**{**committed["dims"], "depth": 24}),
+                       results_dir=BENCHMARKS)
+    assert not other.measured and other.source.endswith("decoder_depth 2, not this model's)")
 
 
 def test_a_stage_that_cannot_fit_its_gpu_is_an_error(vit_b16: Pipeline, imagefolder: Path,
@@ -241,5 +248,5 @@ def test_default_pipeline_plans_every_job_on_this_cpu(capsys: pytest.CaptureFixt
     assert pretrain.device is CPU and pretrain.throughput.measured and pretrain.fits is None
     assert main(["plan", "-p", str(PARAMS)]) == 0
     out = capsys.readouterr().out
-    assert "measured: cpu, cpu-this-machine.json" in out
+    assert "measured: cpu, cpu-embedded-default.json mae" in out  # the benchmark at the default's dims
     assert out.splitlines()[-1] == result.summary()

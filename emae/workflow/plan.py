@@ -39,7 +39,8 @@ GIB = 2**30
 ASSUMED_MFU = 0.40  # of the datasheet dense bf16 peak: what a well-fed ViT step reaches on A100/H100
 DEFAULT_GPU = "H100"  # what a SLURM stage without `gpu_type` is sized for (labelled assumed)
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-CPU_RESULTS = "cpu-this-machine.json"  # benchmarks/step_throughput.py, 2 threads, this machine
+# benchmarks/step_throughput.py on this machine, 2 threads: the embedded default's dims, a ViT-Tiny's
+CPU_RESULTS = ("cpu-embedded-default.json", "cpu-this-machine.json")
 RESERVE_BYTES = 1.0 * GIB  # CUDA context, cuBLAS/cuDNN workspaces: outside torch's allocator
 FRAGMENTATION = 0.10  # caching-allocator slack, a fraction of the activations
 TIGHT = 0.90  # a GPU more than this full is flagged
@@ -117,18 +118,25 @@ def _results(results_dir: Path) -> Iterable[tuple[Path, dict[str, Any]]]:
             continue
 
 
+DIM_KEYS = ("patch_size", "embed_dim", "depth", "decoder_embed_dim", "decoder_depth")
+
+
+def _same_dims(case: dict[str, Any], model: ModelDims | None) -> bool:
+    """Whether a benchmark case measured this model's shape (the keys the case records): FLOP/s
+    depend on it, a 16-token ViT-128 runs at a third of a 64-token ViT-192's rate on a CPU."""
+    dims = {k: v for k, v in (case.get("dims") or {}).items() if k in DIM_KEYS}
+    return model is not None and bool(dims) and all(getattr(model, k) == v for k, v in dims.items())
+
+
 def _pick_case(cases: dict[str, dict[str, Any]], num_parts: int, compiled: bool,
                model: ModelDims | None) -> tuple[str, dict[str, Any]] | None:
-    """The measured case closest to the stage: same K class (1 or more), compiled or not, then
-    the same encoder width and depth (other dims keep the FLOP/s, an approximation)."""
+    """The measured case closest to the stage: same K class (1 or more), the same model dims,
+    compiled or not, then the nearest K."""
     def score(item: tuple[str, dict[str, Any]]) -> tuple[bool, bool, bool, int]:
         name, case = item
-        dims = case.get("dims") or {}
-        same_dims = model is not None and (dims.get("embed_dim"), dims.get("depth")) == (model.embed_dim,
-                                                                                          model.depth)
         same_compile = bool(case.get("compile", name.endswith("_compiled"))) == compiled
         distance = abs(case.get("num_parts", 1) - num_parts)
-        return case.get("num_parts") == num_parts, same_compile, same_dims, -distance
+        return _same_dims(case, model), case.get("num_parts") == num_parts, same_compile, -distance
 
     def ours(name: str, case: dict[str, Any]) -> bool:  # not the comparison models (HF, the naive K-loop)
         return (bool(case.get("flops_per_s")) and not name.startswith(("hf_", "naive"))
@@ -138,23 +146,32 @@ def _pick_case(cases: dict[str, dict[str, Any]], num_parts: int, compiled: bool,
     return max(candidates, key=score) if candidates else None
 
 
+def _other_dims(case: dict[str, Any]) -> str:
+    dims = case.get("dims") or {}
+    return ", ".join(f"{k} {dims[k]}" for k in DIM_KEYS if k in dims) or "unrecorded dims"
+
+
 def throughput(device: Device, num_parts: int = 1, compiled: bool = False, model: ModelDims | None = None,
                results_dir: Path = BENCHMARKS, mfu: float = ASSUMED_MFU) -> Throughput:
     """The training throughput of `device` for a K=`num_parts` step: measured where
     `results_dir` has a benchmark of that device, else `mfu` of its datasheet peak."""
     if not device.is_gpu:
-        data = dict(_results(results_dir)).get(results_dir / CPU_RESULTS) or {}
-        # the benchmark measures each precision; the stages run the one `amp: auto` picked there
-        precision = data.get("amp_auto", "fp32")
-        cases = data.get("precisions", {}).get(precision, {}).get("variants", {})
+        cases = {}  # (file, case name) -> case, with the file's dims and the precision `amp: auto` ran
+        for path, data in _results(results_dir):
+            if path.name in CPU_RESULTS:
+                precision = data.get("amp_auto", "fp32")
+                for name, case in data.get("precisions", {}).get(precision, {}).get("variants", {}).items():
+                    cases[f"{path.name} {name} {precision}"] = {**case, "dims": data.get("dims"),
+                                                                "environment": data.get("environment", {})}
         picked = _pick_case(cases, num_parts, compiled, model)
         if picked is None:
             return Throughput(50e9, False, "assumed 50 GFLOP/s (no CPU benchmark in benchmarks/results)")
         name, case = picked
-        env = data.get("environment", {})
-        return Throughput(case["flops_per_s"], True,
-                          f"{CPU_RESULTS} {name} {precision}: {case['flops_per_s'] / 1e9:.0f} GFLOP/s "
-                          f"({env.get('processor', 'cpu')}, {env.get('torch_threads', '?')} threads)")
+        env, same = case["environment"], _same_dims(case, model)
+        return Throughput(case["flops_per_s"], same,
+                          f"{name}: {case['flops_per_s'] / 1e9:.0f} GFLOP/s ({env.get('processor', 'cpu')}, "
+                          f"{env.get('torch_threads', '?')} threads" + (")" if same else
+                          f"; measured at {_other_dims(case)}, not this model's)"))
     for path, data in _results(results_dir):
         card = (data.get("environment") or {}).get("gpu")
         if not card or gpu_of_card(card) != device:
@@ -162,9 +179,10 @@ def throughput(device: Device, num_parts: int = 1, compiled: bool = False, model
         picked = _pick_case(data.get("cases", {}), num_parts, compiled, model)
         if picked is not None:
             name, case = picked
-            rate = case["flops_per_s"]
-            return Throughput(rate, True, f"{path.name} {name}: {rate / device.peak_flops:.0%} of "
-                                          f"{device.peak_flops / 1e12:.0f} TFLOP/s")
+            rate, same = case["flops_per_s"], _same_dims(case, model)
+            return Throughput(rate, same, f"{path.name} {name}: {rate / device.peak_flops:.0%} of "
+                                          f"{device.peak_flops / 1e12:.0f} TFLOP/s"
+                                          + ("" if same else f", measured at {_other_dims(case)}"))
     return Throughput(mfu * device.peak_flops, False,
                       f"{mfu:.0%} MFU of {device.name}'s {device.peak_flops / 1e12:.0f} TFLOP/s dense bf16")
 
