@@ -40,7 +40,7 @@ class Launch:
     """A running `emae launch --entry emae.launch.selftest:main ...` in `workdir`."""
 
     def __init__(self, workdir: Path, command: list[str], overrides: list[str], stage: str = "t",
-                 entry: str = SELFTEST) -> None:
+                 entry: str = SELFTEST, unset: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         n = len(list(workdir.glob("launch-*.out")))
@@ -51,7 +51,8 @@ class Launch:
         self._out = self.out_path.open("w")
         self._err = self.err_path.open("w")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, cwd=workdir, env=launcher_env(), stdout=self._out,
+        env = {k: v for k, v in launcher_env().items() if k not in unset}
+        self.proc = subprocess.Popen(self.argv, cwd=workdir, env=env, stdout=self._out,
                                      stderr=self._err, stdin=subprocess.DEVNULL)
 
     @property

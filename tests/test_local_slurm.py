@@ -13,6 +13,7 @@ Skipped (with the reason) when no SLURM node is up. Tests that need `sacct` skip
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -92,6 +93,15 @@ def test_gpu_job_is_accounted(tmp_path: Path) -> None:
 
     tres = wait_until(alloc_tres, 30, f"gres/gpu in sacct for job {job_id}")
     assert "gres/gpu=1" in tres
+
+
+def test_a_task_runs_as_many_threads_as_it_has_cpus(tmp_path: Path) -> None:
+    run = Launch(tmp_path, ["env"], slurm(tmp_path, "stages.t.cpus_per_task=2"), unset=("OMP_NUM_THREADS",))
+    assert run.wait(90) == 0, run.describe()
+    assert "SLURM_CPUS_PER_TASK=2" in run.stdout and "OMP_NUM_THREADS=2" in run.stdout
+    run = Launch(tmp_path, ["env"], slurm(tmp_path, "stages.t.cpus_per_task=2"))  # the submitter's own wins
+    assert run.wait(90) == 0, run.describe()
+    assert f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}" in run.stdout
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

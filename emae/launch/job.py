@@ -72,6 +72,13 @@ def exit_code(code: Any) -> int:
     return 1
 
 
+def threads_from_slurm(environ: dict[str, str] | os._Environ[str]) -> None:
+    """OMP_NUM_THREADS = the task's CPUs (SLURM_CPUS_PER_TASK) unless the user set it: where SLURM
+    does not bind CPUs, torch would start a thread per core of the node in every task."""
+    if "OMP_NUM_THREADS" not in environ and environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        environ["OMP_NUM_THREADS"] = environ["SLURM_CPUS_PER_TASK"]
+
+
 class EmaeCommand:
     """A checkpointable submitit callable running `argv` with `entry` (by default the emae program).
 
@@ -90,6 +97,7 @@ class EmaeCommand:
         import submitit
 
         env = submitit.JobEnvironment()
+        threads_from_slurm(os.environ)
         rendezvous = ""
         if env.num_tasks > 1:
             dist_env = submitit.helpers.TorchDistributedEnvironment().export(

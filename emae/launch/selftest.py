@@ -22,7 +22,7 @@ from pathlib import Path
 
 ENV_KEYS = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_PARTITION", "SLURM_RESTART_COUNT",
             "CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-            "SUBMITIT_EXECUTOR")
+            "SUBMITIT_EXECUTOR", "SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS")
 
 
 def _echo(args: argparse.Namespace) -> int:
