@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,6 +17,13 @@ PARAMS = REPO / "params"
 CORE_PARAMS = [PARAMS / "data.yaml", PARAMS / "model.yaml", PARAMS / "pretrain.yaml"]
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # emae.sweep.study silences Optuna's ExperimentalWarning (heartbeat, retry: used on purpose) at
+    # import, but pytest restores the filters after the test that first imported it
+    if importlib.util.find_spec("optuna"):
+        config.addinivalue_line("filterwarnings", "ignore::optuna.exceptions.ExperimentalWarning")
 
 # Small enough for a CPU step in well under a second; still a real ViT with L = 16 patches.
 TINY_OVERRIDES = [

@@ -24,8 +24,8 @@ import pytest
 
 from conftest import TINY_OVERRIDES
 from conftest_slurm import MULTINODE_CONF, pid_alive, slurm_has_accounting, slurm_is_up, wait_until
-from test_local_slurm import job_field, start_now_if_delayed
-from test_slurm_training import assert_same_weights, launch_pretrain, slurm
+from test_local_slurm import job_field
+from test_slurm_training import assert_same_weights, launch_pretrain, requeue_at_the_time_limit, slurm
 
 UP, WHY = slurm_is_up(MULTINODE_CONF, nodes=2)
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(240), pytest.mark.skipif(not UP, reason=WHY)]
@@ -120,21 +120,10 @@ def test_two_node_job_requeued_at_its_time_limit_ends_with_the_uninterrupted_wei
         tmp_path: Path, overrides: list[str], local_two_process_run: Path) -> None:
     """SIGUSR2 to both nodes' tasks, as SLURM sends it before the time limit: rank 0 checkpoints and
     requeues, the job runs again on both nodes and resumes from checkpoints/last.pt."""
-    from submitit.slurm.slurm import SlurmJob
-
     out = tmp_path / "out"
     run = launch_pretrain(tmp_path, out, overrides, slurm(tmp_path, *TWO_NODES))
-    job_id = run.job_id()
-    wait_until(lambda: (out / "checkpoints" / "last.pt").exists(), 120, "the first checkpoint")
-    assert not (out / "encoder.safetensors").exists(), "pre-training ended before it could be interrupted"
-    SlurmJob(folder=tmp_path / "logs" / job_id, job_id=job_id)._interrupt(timeout=True)
-    run.wait_for_output("checkpoint: requeueing", 30)
-    wait_until(lambda: start_now_if_delayed(job_id) or run.proc.poll() is not None, 60, "the requeued job")
-    assert run.wait(180) == 0, run.describe()
-    assert job_field(job_id, "Restarts") == "1"
+    job_id = requeue_at_the_time_limit(run, out, tmp_path, 180)
     assert job_field(job_id, "NumNodes") == "2"
-    resumed = re.search(r"resuming from \S+last.pt at step (\d+)/", run.output)
-    assert resumed and int(resumed.group(1)) > 0, run.describe()
     assert_same_weights(local_two_process_run, out)
 
 

@@ -40,12 +40,28 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
+def requeue_at_the_time_limit(run: Launch, out: Path, tmp_path: Path, wait_s: float) -> str:
+    """Send the job of `run` (pre-training into `out`) SLURM's time-limit signal after its first
+    checkpoint; it must requeue, run again, resume past step 0 and succeed. Returns the job id."""
+    from submitit.slurm.slurm import SlurmJob
+
+    job_id = run.job_id()
+    wait_until(lambda: (out / "checkpoints" / "last.pt").exists(), 120, "the first checkpoint")
+    assert not (out / "encoder.safetensors").exists(), "pre-training ended before it could be interrupted"
+    SlurmJob(folder=tmp_path / "logs" / job_id, job_id=job_id)._interrupt(timeout=True)
+    run.wait_for_output("checkpoint: requeueing", 30)
+    wait_until(lambda: start_now_if_delayed(job_id) or run.proc.poll() is not None, 60, "the requeued job")
+    assert run.wait(wait_s) == 0, run.describe()
+    assert job_field(job_id, "Restarts") == "1"
+    resumed = re.search(r"resuming from \S+last.pt at step (\d+)/", run.output)
+    assert resumed and int(resumed.group(1)) > 0, run.describe()
+    return job_id
+
+
 def test_pretrain_requeued_at_time_limit_ends_with_the_uninterrupted_weights(
         tmp_path: Path, tiny_overrides: list[str]) -> None:
     """SIGUSR2 as SLURM sends it before the time limit: submitit calls the checkpoint hook, the job
     is requeued, runs again and resumes from checkpoints/last.pt; the result is bit-identical."""
-    from submitit.slurm.slurm import SlurmJob
-
     overrides = [*tiny_overrides, "pretrain.epochs=6", "pretrain.checkpoint_every_steps=5"]
     reference = tmp_path / "uninterrupted"
     local = launch_pretrain(tmp_path / "local", reference, overrides, ["kind=local"])
@@ -53,16 +69,7 @@ def test_pretrain_requeued_at_time_limit_ends_with_the_uninterrupted_weights(
 
     out = tmp_path / "requeued"
     run = launch_pretrain(tmp_path / "slurm", out, overrides, slurm(tmp_path))
-    job_id = run.job_id()
-    wait_until(lambda: (out / "checkpoints" / "last.pt").exists(), 120, "the first checkpoint")
-    assert not (out / "encoder.safetensors").exists(), "pre-training ended before it could be interrupted"
-    SlurmJob(folder=tmp_path / "logs" / job_id, job_id=job_id)._interrupt(timeout=True)
-    run.wait_for_output("checkpoint: requeueing", 30)
-    wait_until(lambda: start_now_if_delayed(job_id) or run.proc.poll() is not None, 60, "the requeued job")
-    assert run.wait(240) == 0, run.describe()
-    assert job_field(job_id, "Restarts") == "1"
-    resumed = re.search(r"resuming from \S+last.pt at step (\d+)/", run.output)
-    assert resumed and int(resumed.group(1)) > 0, run.describe()
+    requeue_at_the_time_limit(run, out, tmp_path, 240)
     assert_same_weights(reference, out)
 
 

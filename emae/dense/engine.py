@@ -25,13 +25,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from emae.config import effective_batch
-from emae.data import ResumableBatchSampler, SeededDataset
-from emae.errors import EmaeError
+from emae.data import SeededDataset
 from emae.io import append_jsonl, truncate_jsonl
 from emae.seeding import derive_seed
 from emae.train.checkpoint import RunCheckpoint
 from emae.train import distributed
-from emae.train.common import LossMeter, autocast, autocast_dtype, optimizer_step, precision_name
+from emae.train.common import LossMeter, autocast, autocast_dtype, optimizer_step, precision_name, training_sampler
 
 log = logging.getLogger("emae.dense")
 
@@ -71,25 +70,14 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
                          params={section: cfg}, precision=precision_name(amp_dtype))
     ckpt_path = ckpt.path
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    iteration, elapsed, last_loss = 0, 0.0, math.nan
-    state = ckpt.load(finished=lambda state: state["iteration"] >= cfg.iterations)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        iteration, elapsed, last_loss = state["iteration"], state["elapsed_seconds"], state["loss"]
-        if dist_info.is_main:
-            log.info("resuming %s at iteration %d/%d", ckpt_path, iteration, cfg.iterations)
+    state = ckpt.resume({"model": model, "optimizer": optimizer, "scaler": scaler}, "iteration", cfg.iterations,
+                        dist_info.is_main, finished=lambda state: state["iteration"] >= cfg.iterations)
+    iteration, elapsed = state.get("iteration", 0), state.get("elapsed_seconds", 0.0)
+    last_loss = state.get("loss", math.nan)
     if iteration >= cfg.iterations:
         return {"train_seconds": elapsed, "final_loss": last_loss}
 
-    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.seed, dist_info.rank,
-                                    dist_info.world_size, accum_iter=cfg.accum_iter)
-    per_epoch = len(sampler) // cfg.accum_iter  # optimizer steps
-    if per_epoch == 0:
-        raise EmaeError(f"{section}: the training set has {len(train_set)} items, fewer than "
-                        f"{section}.batch_size={cfg.batch_size} x accum_iter={cfg.accum_iter} x "
-                        f"{dist_info.world_size} ranks")
+    sampler, per_epoch = training_sampler(len(train_set), cfg, section, dist_info)
     loader = DataLoader(SeededDataset(train_set), batch_sampler=sampler, collate_fn=collate,
                         num_workers=cfg.num_workers)
     if dist_info.is_main:

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -103,13 +103,15 @@ def prediction_consistency(model: EMAE, dataset: Any, num_images: int, rounds: i
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command line of `emae consistency` and `emae visualize`: a pre-training checkpoint."""
     add_checkpoint_argument(parser, "pre-training checkpoint (runs/<variant>/checkpoints/last.pt)")
     add_config_arguments(parser, out_required=True)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, evaluate: Callable[[Config, Path, Path], dict[str, Any]] | None = None) -> None:
+    """`evaluate(config, checkpoint, out)` (default: the consistency) from the command line."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    metrics = evaluate_consistency(config_from_args(args), Path(args.checkpoint), Path(args.out))
+    metrics = (evaluate or evaluate_consistency)(config_from_args(args), Path(args.checkpoint), Path(args.out))
     print(json.dumps(metrics, indent=2, sort_keys=True))
 
 

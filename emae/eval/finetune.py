@@ -36,14 +36,12 @@ from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from emae.config import Config, effective_batch
-from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest, eval_transform
-from emae.errors import EmaeError
+from emae.data import SeededDataset, build_dataset, dataset_digest, eval_transform
 from emae.eval.config import FinetuneConfig
 from emae.eval.features import (add_encoder_evaluation_arguments, build_encoder, run_encoder_evaluation,
                                 topk_correct)
@@ -53,7 +51,7 @@ from emae.seeding import derive_seed, seed_everything
 from emae.train import distributed
 from emae.train.checkpoint import RunCheckpoint
 from emae.train.common import (LossMeter, autocast, autocast_dtype, default_device, optimizer_step,
-                               precision_name)
+                               precision_name, training_sampler, warmup_cosine)
 
 log = logging.getLogger("emae.finetune")
 POSTFIX_SECONDS = 1.0  # the progress bar's loss is refreshed at most this often (a host sync)
@@ -113,12 +111,7 @@ def finetune(config: Config, checkpoint: Path, out: Path, random_init: bool = Fa
     dist_info = distributed.init_distributed()
     device = default_device()
     cfg.accum_iter, eff_batch = effective_batch(cfg, "finetune", dist_info.world_size)
-    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.seed, dist_info.rank,
-                                    dist_info.world_size, accum_iter=cfg.accum_iter)
-    steps_per_epoch = len(sampler) // cfg.accum_iter
-    if steps_per_epoch == 0:
-        raise EmaeError(f"train split has {len(train_set)} images: too few for finetune.batch_size="
-                        f"{cfg.batch_size} x accum_iter={cfg.accum_iter} x {dist_info.world_size} ranks")
+    sampler, steps_per_epoch = training_sampler(len(train_set), cfg, "finetune", dist_info)
     total_steps = steps_per_epoch * cfg.epochs
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=config.data.num_workers,
                         pin_memory=device.type == "cuda")
@@ -126,10 +119,7 @@ def finetune(config: Config, checkpoint: Path, out: Path, random_init: bool = Fa
     model.to(device)
     lr = cfg.blr * eff_batch / 256
     optimizer = build_optimizer(model, cfg, lr)
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
-    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps - warmup, lr_min=cfg.min_lr,
-                                  warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True,
-                                  t_in_epochs=False)
+    scheduler = warmup_cosine(optimizer, cfg, steps_per_epoch, total_steps)
     amp = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
@@ -143,15 +133,9 @@ def finetune(config: Config, checkpoint: Path, out: Path, random_init: bool = Fa
                          dist_info.world_size, params={"finetune": cfg, "data": config.data},
                          precision=precision_name(amp))
     ckpt_path = ckpt.path
-    step, elapsed = 0, 0.0
-    state = ckpt.load()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, elapsed = state["step"], state["elapsed_seconds"]
-        if dist_info.is_main:
-            log.info("resuming from %s at step %d/%d", ckpt_path, step, total_steps)
+    state = ckpt.resume({"model": model, "optimizer": optimizer, "scaler": scaler}, "step", total_steps,
+                        dist_info.is_main)
+    step, elapsed = state.get("step", 0), state.get("elapsed_seconds", 0.0)
     if step >= total_steps and (out / "metrics.json").exists():
         log.info("%s is complete (%d steps); nothing to do", out, total_steps)
         return json.loads((out / "metrics.json").read_text()) if dist_info.is_main else {}

@@ -27,7 +27,6 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 from timm.optim import Lars
-from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torchvision import transforms
@@ -35,7 +34,6 @@ from tqdm import tqdm
 
 from emae.config import Config, effective_batch
 from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest, eval_transform
-from emae.errors import EmaeError
 from emae.eval.config import LinprobeConfig
 from emae.eval.features import (accuracy, add_encoder_evaluation_arguments, build_encoder, extract_features,
                                 pooled, run_encoder_evaluation)
@@ -44,7 +42,8 @@ from emae.provenance import encoder_digest, write_metrics
 from emae.seeding import derive_seed, seed_everything
 from emae.train import distributed
 from emae.train.checkpoint import RunCheckpoint
-from emae.train.common import LossMeter, autocast, autocast_dtype, default_device, precision_name
+from emae.train.common import (LossMeter, autocast, autocast_dtype, default_device, precision_name, training_sampler,
+                               warmup_cosine)
 
 log = logging.getLogger("emae.linprobe")
 
@@ -122,32 +121,18 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
     cached = None if cfg.augment else extract_features(encoder, train_set, desc="train features", **common)
 
     cfg.accum_iter, eff_batch = effective_batch(cfg, "linprobe", dist_info.world_size)
-    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.seed, dist_info.rank,
-                                    dist_info.world_size, accum_iter=cfg.accum_iter)
-    steps_per_epoch = len(sampler) // cfg.accum_iter  # optimizer steps
-    if steps_per_epoch == 0:
-        raise EmaeError(f"train split has {len(train_set)} images: too few for linprobe.batch_size="
-                        f"{cfg.batch_size} x accum_iter={cfg.accum_iter} x {dist_info.world_size} ranks")
+    sampler, steps_per_epoch = training_sampler(len(train_set), cfg, "linprobe", dist_info)
     total_steps = steps_per_epoch * cfg.epochs
     lr = cfg.blr * eff_batch / 256
 
     seed_everything(derive_seed(cfg.seed, "probe head"))  # same head on every rank and every rerun
     head = ProbeHead(val_feats.shape[1], config.data.num_classes).to(device)
     optimizer = build_lars(head, lr, cfg)
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
-    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps - warmup, lr_min=cfg.min_lr,
-                                  warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True,
-                                  t_in_epochs=False)
+    scheduler = warmup_cosine(optimizer, cfg, steps_per_epoch, total_steps)
     ckpt = RunCheckpoint(out / "checkpoints" / "last.pt", inputs, dist_info.world_size,
                          params={"linprobe": cfg, "data": config.data}, precision=precision_name(amp))
     ckpt_path = ckpt.path
-    step = 0
-    state = ckpt.load()
-    if state is not None:
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        log.info("resuming from %s at step %d/%d", ckpt_path, step, total_steps)
+    step = ckpt.resume({"head": head, "optimizer": optimizer}, "step", total_steps, dist_info.is_main).get("step", 0)
     if dist_info.is_main:
         truncate_jsonl(out / "log.jsonl", "epoch", step // steps_per_epoch)
 

@@ -13,7 +13,6 @@ mask_ratio, recon_loss (per part, MSE on masked patches in the model's target sp
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,12 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from emae.config import Config, add_config_arguments, config_from_args  # noqa: E402
+from emae.config import Config  # noqa: E402
 from emae.data import build_dataset, dataset_digest, eval_transform  # noqa: E402
-from emae.eval.consistency import load_model_for_data  # noqa: E402
+# the same command line as `emae consistency`: a pre-training checkpoint
+from emae.eval.consistency import add_arguments, load_model_for_data  # noqa: E402,F401
+from emae.eval.consistency import run as run_checkpoint_command  # noqa: E402
 from emae.eval.config import VisualizeConfig  # noqa: E402
-from emae.eval.features import add_checkpoint_argument  # noqa: E402
 from emae.io import atomic_write  # noqa: E402
 from emae.provenance import file_digest, write_metrics  # noqa: E402
 from emae.losses import patch_targets  # noqa: E402
@@ -110,15 +110,8 @@ def draw_grid(original: torch.Tensor, panels: dict[str, torch.Tensor], path: Pat
 # ----------------------------------------------------------------------------------- command
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_checkpoint_argument(parser, "pre-training checkpoint (runs/<variant>/checkpoints/last.pt)")
-    add_config_arguments(parser, out_required=True)
-
-
 def run(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    metrics = visualize(config_from_args(args), Path(args.checkpoint), Path(args.out))
-    print(json.dumps(metrics, indent=2, sort_keys=True))
+    run_checkpoint_command(args, visualize)
 
 
 def visualize(config: Config, checkpoint: Path, out: Path) -> dict[str, Any]:

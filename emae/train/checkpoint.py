@@ -96,6 +96,22 @@ class RunCheckpoint:
                             "the checkpoint's precision to resume here), or use another --out")
         return state
 
+    def resume(self, parts: dict[str, Any], counter: str, total: int, log_it: bool = True,
+               finished: Callable[[dict[str, Any]], bool] = lambda state: False,
+               check: Callable[[dict[str, Any]], None] = lambda state: None) -> dict[str, Any]:
+        """`load` and `check(state)` (raises to refuse it), then each of `parts` (model, optimizer,
+        scaler, ...) from its saved state dict; the saved state ({} to start afresh), its `counter`
+        (step, iteration) logged against `total`."""
+        state = self.load(finished)
+        if state is None:
+            return {}
+        check(state)
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
+        if log_it:
+            log.info("resuming from %s at %s %d/%d", self.path, counter, state[counter], total)
+        return state
+
     def save(self, state: dict[str, Any]) -> None:
         save_checkpoint(self.path, {
             **state, "inputs": self.inputs, "world_size": self.world_size, "precision": self.precision,

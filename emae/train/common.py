@@ -8,10 +8,13 @@ import os
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
+from timm.scheduler import CosineLRScheduler
 
-from emae.errors import NonFiniteLossError
+from emae.data import ResumableBatchSampler
+from emae.errors import EmaeError, NonFiniteLossError
 from emae.attention import AttentionKernels
 from emae.provenance import cpu_bf16, cpu_model
 from emae.train import distributed
@@ -77,6 +80,28 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
     with (torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None
           else contextlib.nullcontext()), AttentionKernels():
         yield
+
+
+def training_sampler(num_items: int, cfg: Any, section: str,
+                     dist_info: distributed.DistInfo) -> tuple[ResumableBatchSampler, int]:
+    """A training loop's resumable sampler (`cfg`: batch_size, seed, accum_iter) and its optimizer
+    steps per epoch; a training set too small for one step is an error naming the keys."""
+    sampler = ResumableBatchSampler(num_items, cfg.batch_size, cfg.seed, dist_info.rank, dist_info.world_size,
+                                    accum_iter=cfg.accum_iter)
+    steps_per_epoch = len(sampler) // cfg.accum_iter
+    if steps_per_epoch == 0:
+        raise EmaeError(f"{section}: the training set has {num_items} items, too few for {section}.batch_size="
+                        f"{cfg.batch_size} x accum_iter={cfg.accum_iter} x {dist_info.world_size} ranks")
+    return sampler, steps_per_epoch
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, cfg: Any, steps_per_epoch: int,
+                  total_steps: int) -> CosineLRScheduler:
+    """MAE's per-step schedule: linear warm-up over `cfg.warmup_epochs`, then half a cosine to
+    `cfg.min_lr` (at least one step of cosine)."""
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
+    return CosineLRScheduler(optimizer, t_initial=total_steps - warmup, lr_min=cfg.min_lr, warmup_t=warmup,
+                             warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -32,14 +32,12 @@ from typing import Any, Callable
 
 import torch
 from timm.optim import param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from emae.config import Config, add_config_arguments, config_from_args, effective_batch, save_config
-from emae.data import (ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest,
-                       pretrain_transform)
+from emae.data import SeededDataset, build_dataset, dataset_digest, pretrain_transform
 from emae.errors import EmaeError
 from emae.flops import fit_epochs, train_flops_per_image
 from emae.io import append_jsonl, truncate_jsonl
@@ -51,7 +49,7 @@ from emae.seeding import derive_seed, seed_everything
 from emae.train import distributed
 from emae.train.checkpoint import RunCheckpoint
 from emae.train.common import (LossMeter, autocast, autocast_dtype, default_device, optimizer_step,
-                               precision_name, set_deterministic)
+                               precision_name, set_deterministic, training_sampler, warmup_cosine)
 
 log = logging.getLogger("emae.pretrain")
 
@@ -95,12 +93,7 @@ def pretrain(config: Config, out: Path,
 
     # data: batches of (index, augmentation seed), resumable mid-epoch
     dataset = SeededDataset(build_dataset(config.data, "train", pretrain_transform(config.data)))
-    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed, dist_info.rank,
-                                    dist_info.world_size, accum_iter=cfg.accum_iter)
-    steps_per_epoch = len(sampler) // cfg.accum_iter  # optimizer steps
-    if steps_per_epoch == 0:
-        raise EmaeError(f"data set has {len(dataset)} images: too few for pretrain.batch_size="
-                        f"{cfg.batch_size} x accum_iter={cfg.accum_iter} x {dist_info.world_size} ranks")
+    sampler, steps_per_epoch = training_sampler(len(dataset), cfg, "pretrain", dist_info)
     # a budget in FLOPs or images is met in whole epochs; the schedule is stretched to them
     flops_per_image = train_flops_per_image(config.model, config.data.image_size, config.data.in_chans)
     epochs, warmup_epochs = fit_epochs(cfg.epochs, cfg.warmup_epochs, steps_per_epoch * eff_batch,
@@ -115,10 +108,7 @@ def pretrain(config: Config, out: Path,
     model = EMAE.from_config(config.model, config.data).to(device)
     lr = cfg.blr * eff_batch / 256
     optimizer = build_optimizer(model, config, lr)
-    warmup_steps = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
-    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps - warmup_steps, lr_min=cfg.min_lr,
-                                  warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=True,
-                                  t_in_epochs=False)
+    scheduler = warmup_cosine(optimizer, cfg, steps_per_epoch, total_steps)
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -127,16 +117,11 @@ def pretrain(config: Config, out: Path,
                          dist_info.world_size, params={"model": config.model, "pretrain": cfg, "data": config.data},
                          precision=precision_name(amp_dtype))
     ckpt_path = ckpt.path
-    state = ckpt.load()
-    step, elapsed = 0, 0.0
-    if state is not None:
-        _check_epochs(state["params"]["pretrain"]["epochs"], cfg.epochs, state["step"], steps_per_epoch, ckpt_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, elapsed = state["step"], state["elapsed_seconds"]
-        if dist_info.is_main:
-            log.info("resuming from %s at step %d/%d", ckpt_path, step, total_steps)
+    state = ckpt.resume({"model": model, "optimizer": optimizer, "scaler": scaler}, "step", total_steps,
+                        dist_info.is_main, check=lambda state: _check_epochs(
+                            state["params"]["pretrain"]["epochs"], cfg.epochs, state["step"], steps_per_epoch,
+                            ckpt_path))
+    step, elapsed = state.get("step", 0), state.get("elapsed_seconds", 0.0)
     if step >= total_steps and (out / "metrics.json").exists():
         log.info("%s is complete (%d steps); nothing to do", out, total_steps)
         return json.loads((out / "metrics.json").read_text()) if dist_info.is_main else {}
