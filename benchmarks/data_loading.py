@@ -14,6 +14,7 @@ and how many workers keep a GPU fed at a given step rate (`--gpu-images-per-s`, 
 benchmarks/results/gpu-*.json when a GPU run left one). Results: benchmarks/results/<name>.json.
 
     python benchmarks/data_loading.py                 # ~1-2 minutes on 2 cores
+    python benchmarks/data_loading.py --params params --name data-loading-embedded-default
     python benchmarks/data_loading.py --smoke --out /tmp/x
 """
 
@@ -43,6 +44,7 @@ if str(REPO) not in sys.path:
 from emae.config import load_config  # noqa: E402
 from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, pretrain_transform  # noqa: E402
 from emae.io import write_json  # noqa: E402
+from emae.provenance import cpu_model  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 CORE_PARAMS = [REPO / "params" / f for f in ("data.yaml", "model.yaml", "pretrain.yaml")]
@@ -125,6 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="loader batch (default 64)")
     parser.add_argument("--gpu-images-per-s", type=float, action="append", default=None, metavar="RATE",
                         help="GPU step rate(s) to size the workers for (default: benchmarks/results/gpu-*.json)")
+    parser.add_argument("--params", type=Path, default=None, metavar="DIR",
+                        help="measure the data set and augmentation of this params tree instead (e.g. "
+                        "params: the embedded digits `emae prepare` wrote; what `emae plan` adds to a CPU "
+                        "job that loads in its own process)")
     parser.add_argument("--name", default=None, help="result name (default data-loading-cpu-this-machine)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -139,9 +145,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def params_rate(params: list[Path], repeats: int, overrides: list[str] = ()) -> dict[str, Any]:
+    """The per-process rate of a params tree's own training data and pre-training augmentation."""
+    cfg = load_config(params, overrides).data
+    dataset = SeededDataset(build_dataset(cfg, "train", pretrain_transform(cfg)))
+    wall, cpu = per_worker_rate(dataset, repeats)
+    return {"params": ", ".join(map(str, params)), "root": str(cfg.root), "image_size": cfg.image_size, "images": len(dataset),
+            "per_worker_images_per_s": statistics.median(cpu), "per_worker_images_per_wall_s": statistics.median(wall),
+            "per_worker_repeats": {"cpu": cpu, "wall": wall}}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)  # a DataLoader worker runs single-threaded
+    if args.params:
+        result = {"name": args.name or "data-loading-params", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "command": "python benchmarks/data_loading.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "processor": cpu_model(), "torch": torch.__version__, "pillow": Image.__version__,
+                  "augmentation": "the params' pretrain_transform", "load_average": list(os.getloadavg()),
+                  **params_rate([args.params], args.repeats)}
+        write_json(args.out / f"{result['name']}.json", result)
+        print(f"{result['root']}: {result['per_worker_images_per_s']:.0f} images per CPU second; wrote "
+              f"{args.out / (result['name'] + '.json')}")
+        return 0
     load_before = os.getloadavg()
     name = args.name or ("data-loading-smoke" if args.smoke else "data-loading-cpu-this-machine")
     result: dict[str, Any] = {

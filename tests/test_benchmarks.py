@@ -144,6 +144,16 @@ def test_gpu_step_smoke_runs_on_cpu(tmp_path: Path) -> None:
     assert data["ratios"]["emae_k4_vs_mae_masked_patches_per_s"] > 0
 
 
+def test_data_loading_measures_a_params_trees_own_data(digits_root: Path) -> None:
+    """`--params`: the rate `emae plan` adds to a CPU job that loads in its own process."""
+    from conftest import CORE_PARAMS
+
+    entry = _load("data_loading").params_rate(CORE_PARAMS, 1, [f"data.root={digits_root}", "data.image_size=16"])
+    train = sum(1 for _ in (digits_root / "train").rglob("*.png"))
+    assert (entry["root"], entry["image_size"], entry["images"]) == (str(digits_root), 16, train)
+    assert entry["per_worker_images_per_s"] > 0 and len(entry["per_worker_repeats"]["cpu"]) == 1
+
+
 def test_data_loading_smoke(tmp_path: Path) -> None:
     _run("data_loading.py", "--smoke", "--out", str(tmp_path), "--gpu-images-per-s", "1000")
     data = json.loads((tmp_path / "data-loading-smoke.json").read_text())

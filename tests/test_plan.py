@@ -246,6 +246,14 @@ def test_default_pipeline_plans_every_job_on_this_cpu(capsys: pytest.CaptureFixt
                                                       for j in pipeline.jobs()]
     pretrain = _job(result, "pretrain", "mae")
     assert pretrain.device is CPU and pretrain.throughput.measured and pretrain.fits is None
+    # the default loads in the training process: its images at the measured rate of this data set
+    rate = json.loads((BENCHMARKS / "data-loading-embedded-default.json").read_text())["per_worker_images_per_s"]
+    assert pretrain.estimate.trained_images == 50 * 1408
+    assert pretrain.data_seconds == pytest.approx(50 * 1408 / rate)
+    assert pretrain.device_hours * 3600 == pytest.approx(pretrain.flops / pretrain.throughput.flops_per_s
+                                                         + pretrain.data_seconds)
+    workers = _job(plan(Pipeline(PARAMS, overrides=["data.num_workers=2"])), "pretrain", "mae")
+    assert workers.data_seconds == 0 and workers.estimate.trained_images == 50 * 1408  # other processes load
     assert main(["plan", "-p", str(PARAMS)]) == 0
     out = capsys.readouterr().out
     assert "measured: cpu, cpu-embedded-default.json mae" in out  # the benchmark at the default's dims

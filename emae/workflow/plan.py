@@ -27,7 +27,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,17 @@ def gpu_of_card(card: str) -> Device | None:
 
 
 # --------------------------------------------------------------------------------- throughput
+
+
+def data_rate(data: Any, results_dir: Path = BENCHMARKS) -> tuple[float, str] | None:
+    """Images per second one process decodes and augments for pre-training, measured on this data
+    set (`benchmarks/data_loading.py --params`: same root and image size), else None."""
+    for path, result in _results(results_dir):
+        if (path.name.startswith("data-loading") and result.get("root") == str(data.root)
+                and result.get("image_size") == data.image_size and result.get("per_worker_images_per_s")):
+            rate = result["per_worker_images_per_s"]
+            return rate, f"{path.name}: {rate:,.0f} images/s per process on {result.get('processor', 'this CPU')}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -408,6 +419,7 @@ class Estimate:
     batch: int | None = None  # per device
     memory: Memory | None = None
     host_flops: float = 0.0  # work done on host tensors (not in the device time)
+    trained_images: int = 0  # images the training loop decodes and augments
 
 
 @dataclass
@@ -426,6 +438,7 @@ class StagePlan:
     max_requeues: int = 0
     signal_delay_s: int = 0
     gpu_key: str = ""  # the launcher key that names the GPU, with its file (for messages)
+    data_seconds: float = 0.0  # decoding + augmenting in the job's own process (data.num_workers: 0)
 
     @property
     def name(self) -> str:
@@ -443,7 +456,7 @@ class StagePlan:
     def device_hours(self) -> float | None:
         if self.flops is None or self.throughput is None:
             return None
-        return self.flops / self.throughput.flops_per_s / 3600
+        return (self.flops / self.throughput.flops_per_s + self.data_seconds) / 3600
 
     @property
     def wall_hours(self) -> float | None:
@@ -585,8 +598,9 @@ class Plan:
 
 
 NOTE = ("FLOP: analytic (emae.flops: matmuls and attention, 2 per multiply-add, backward = 2x forward); "
-        "device time = FLOP / rate, wall time = device time / devices; data loading, checkpoints and "
-        "queueing are not included")
+        "device time = FLOP / rate, + on a CPU job that loads its training data in its own process "
+        "(data.num_workers: 0) its images / the measured data rate; wall time = device time / devices; "
+        "other data loading, checkpoints and queueing are not included")
 
 
 def _num(value: float) -> str:
@@ -666,7 +680,7 @@ class _Estimator:
         if monitors:
             counted += f" + {monitors} kNN monitor passes of the encoder over train + val"
         flops = epochs * images * per_image + monitors * self._encoder(self.sizes.train + self.sizes.val)
-        return Estimate(counted, flops, cfg.batch_size, memory, monitors * self._knn_host())
+        return Estimate(counted, flops, cfg.batch_size, memory, monitors * self._knn_host(), epochs * images)
 
     def knn(self) -> Estimate:
         cfg = self.config.section("knn")
@@ -691,14 +705,14 @@ class _Estimator:
     def finetune(self) -> Estimate:
         cfg = self.config.section("finetune")
         evals = _runs_of(cfg.epochs, cfg.eval_every_epochs)
-        flops = None
+        flops, trained = None, 0
         if self.sizes:
             trained = cfg.epochs * self._epoch_images("finetune")
             flops = 3 * self._encoder(trained) + self._encoder(evals * self.sizes.val)
         memory = encoder_memory(self.model, self.img, self.chans, cfg.batch_size, self._bytes(cfg.amp), True,
                                 self.processes, self.device, extra_params=self.head)
         return Estimate(f"encoder forward + backward (3x) over {cfg.epochs} epochs of train, {evals} val passes "
-                        "(head not counted)", flops, cfg.batch_size, memory)
+                        "(head not counted)", flops, cfg.batch_size, memory, trained_images=trained)
 
     def consistency(self) -> Estimate:
         cfg = self.config.section("consistency")
@@ -810,9 +824,16 @@ def _job_plan(pipeline: Any, job: Any, launcher: Any, sizes: DataSizes | None, r
     config = pipeline.run_configs[run]
     batches = {s: b for (s, r), b in pipeline.batches.items() if r == run}
     estimator = _Estimator(config, sizes, device, res.nodes * res.tasks_per_node, batches)
-    return StagePlan(stage, run.name, getattr(estimator, stage)(),
-                     throughput=_rate(stage, config, device, results_dir, mfu),
-                     num_parts=config.model.num_parts if stage in ("pretrain", "visualize") else 1, **common)
+    estimate: Estimate = getattr(estimator, stage)()
+    measured = data_rate(config.data, results_dir)
+    data_seconds = 0.0
+    if estimate.trained_images and not device.is_gpu and config.data.num_workers == 0 and measured:
+        data_seconds = estimate.trained_images / measured[0]
+        estimate = replace(estimate, counted=f"{estimate.counted} + {estimate.trained_images:,} images decoded and "
+                                             f"augmented in the job's process ({measured[1]})")
+    return StagePlan(stage, run.name, estimate, throughput=_rate(stage, config, device, results_dir, mfu),
+                     num_parts=config.model.num_parts if stage in ("pretrain", "visualize") else 1,
+                     data_seconds=data_seconds, **common)
 
 
 def check_fits(pipeline: Any, launcher_params: str | None = None,
