@@ -73,6 +73,8 @@ class DataConfig(Section):
     crop_scale_min: float = Field(gt=0, le=1, description="RandomResizedCrop lower scale (MAE: 0.2)")
     hflip: bool
     num_workers: int = Field(ge=0, json_schema_extra=RESUMABLE)
+    cache_mb: float = Field(0, ge=0, json_schema_extra=RESUMABLE,
+                            description="decoded ImageFolder images kept in memory per process, up to this size")
     skip_corrupt: bool = Field(description="skip unreadable images with a warning instead of failing")
 
     @model_validator(mode="after")

@@ -101,6 +101,24 @@ def test_seeded_draws_what_a_seeded_cpu_generator_draws_and_restores_the_state()
     assert torch.equal(inside[0], torch.rand(4)) and inside[1:] == (random.random(), np.random.rand())
 
 
+def test_decoded_images_are_cached_up_to_cache_mb_and_give_the_same_samples(small_tree: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _data_cfg(small_tree)  # 30 train images of 16 x 16 x 3 bytes
+    reads: list[str] = []
+    for cache_mb, cached in ((1.0, 30), (5 * 768 / 2**20, 5), (0.0, 0)):
+        dataset = SeededDataset(build_dataset(cfg.model_copy(update={"cache_mb": cache_mb}), "train",
+                                              pretrain_transform(cfg)))
+        folder = dataset.dataset
+        monkeypatch.setattr(folder, "loader", lambda path, load=folder.loader: reads.append(path) or load(path))
+        first = [dataset[(i, i)] for i in range(len(dataset))]
+        reads.clear()
+        again = [dataset[(i, i)] for i in range(len(dataset))]
+        assert len(reads) == len(dataset) - cached  # only the images beyond the limit are read again
+        assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(first, again))
+    uncached = build_dataset(cfg.model_copy(update={"cache_mb": 0.0}), "train", pretrain_transform(cfg))
+    assert all(torch.equal(first[i][0], SeededDataset(uncached)[(i, i)][0]) for i in range(len(first)))
+
+
 def test_dataset_digest_changes_with_any_file_and_only_then(small_tree: Path) -> None:
     cfg = _data_cfg(small_tree)
     first = dataset_digest(cfg)

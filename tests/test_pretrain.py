@@ -134,7 +134,7 @@ def test_resumable_keys_may_change_and_are_declared_once() -> None:
     from emae.dense.config import DetectConfig
     from emae.eval.config import FinetuneConfig, LinprobeConfig
 
-    assert DataConfig.resumable_keys() == {"root", "num_workers"}
+    assert DataConfig.resumable_keys() == {"root", "num_workers", "cache_mb"}
     assert PretrainConfig.resumable_keys() == {"epochs", "checkpoint_every_steps", "log_every_steps",
                                                "knn_every_epochs"}
     assert LinprobeConfig.resumable_keys() == {"epochs", "checkpoint_every_steps"}

@@ -52,8 +52,12 @@ class CheckedImageFolder(datasets.ImageFolder):
     (so a class has the same index in both splits); a file that fails later is named in the error."""
 
     def __init__(self, root: str | Path, classes: list[str], samples: list[tuple[str, int]],
-                 transform: Callable | None) -> None:
+                 transform: Callable | None, cache_mb: float = 0) -> None:
         self._scanned = classes, samples
+        # decoded images by index, up to cache_mb per process: a small set (the embedded digits) is
+        # decoded once instead of every epoch; transforms return new images, the cached ones stay
+        self._cache: dict[int, Any] = {}
+        self._cache_left = cache_mb * 2**20
         super().__init__(str(root), transform=transform, loader=load_rgb, allow_empty=True,
                          is_valid_file=is_image)
         empty = [c for c, i in self.class_to_idx.items() if not any(t == i for t in self.targets)]
@@ -61,6 +65,14 @@ class CheckedImageFolder(datasets.ImageFolder):
             raise EmaeError(f"{root}: class folder(s) without images: {', '.join(empty[:10])}")
         if not self.samples:
             raise EmaeError(f"{root}: no images found")
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = self._cache.get(index)
+        if image is None:
+            image = self.loader(self.samples[index][0])
+            if (size := image.width * image.height * len(image.getbands())) <= self._cache_left:
+                self._cache[index], self._cache_left = image, self._cache_left - size
+        return (self.transform(image) if self.transform else image), self.targets[index]
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes = self._scanned[0]
@@ -106,7 +118,8 @@ def _imagefolder(data_cfg: Any, split: str, transform: Callable | None) -> Check
     _check_class_count(root, check_same_classes(root), data_cfg)  # before any decode
     scan = scan_imagefolder(root)
     accept_scan(data_cfg, scan)
-    return CheckedImageFolder(root / split, scan.classes, scan.splits[split].samples(), transform)
+    return CheckedImageFolder(root / split, scan.classes, scan.splits[split].samples(), transform,
+                              data_cfg.cache_mb)
 
 
 def accept_scan(data_cfg: Any, scan: DatasetScan) -> None:
