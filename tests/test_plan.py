@@ -254,6 +254,8 @@ def test_default_pipeline_plans_every_job_on_this_cpu(capsys: pytest.CaptureFixt
                                                          + pretrain.data_seconds)
     workers = _job(plan(Pipeline(PARAMS, overrides=["data.num_workers=2"])), "pretrain", "mae")
     assert workers.data_seconds == 0 and workers.estimate.trained_images == 50 * 1408  # other processes load
+    uncached = _job(plan(Pipeline(PARAMS, overrides=["data.cache_mb=0"])), "pretrain", "mae")
+    assert uncached.data_seconds == 0  # the committed rate was measured with the cache: not this data path
     assert main(["plan", "-p", str(PARAMS)]) == 0
     out = capsys.readouterr().out
     assert "measured: cpu, cpu-embedded-default.json mae" in out  # the benchmark at the default's dims

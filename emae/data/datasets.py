@@ -72,7 +72,9 @@ class CheckedImageFolder(datasets.ImageFolder):
             image = self.loader(self.samples[index][0])
             if (size := image.width * image.height * len(image.getbands())) <= self._cache_left:
                 self._cache[index], self._cache_left = image, self._cache_left - size
-        return (self.transform(image) if self.transform else image), self.targets[index]
+        target = self.targets[index]
+        return (self.transform(image) if self.transform else image), (
+            self.target_transform(target) if self.target_transform else target)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes = self._scanned[0]

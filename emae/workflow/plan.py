@@ -99,10 +99,11 @@ def gpu_of_card(card: str) -> Device | None:
 
 def data_rate(data: Any, results_dir: Path = BENCHMARKS) -> tuple[float, str] | None:
     """Images per second one process decodes and augments for pre-training, measured on this data
-    set (`benchmarks/data_loading.py --params`: same root and image size), else None."""
+    set (`benchmarks/data_loading.py --params`: same root, image size and decoded-image cache), else None."""
     for path, result in _results(results_dir):
-        if (path.name.startswith("data-loading") and result.get("root") == str(data.root)
-                and result.get("image_size") == data.image_size and result.get("per_worker_images_per_s")):
+        same = (result.get("root"), result.get("image_size"), result.get("cache_mb")) == (
+            str(data.root), data.image_size, data.cache_mb)
+        if path.name.startswith("data-loading") and same and result.get("per_worker_images_per_s"):
             rate = result["per_worker_images_per_s"]
             return rate, f"{path.name}: {rate:,.0f} images/s per process on {result.get('processor', 'this CPU')}"
     return None
@@ -825,9 +826,10 @@ def _job_plan(pipeline: Any, job: Any, launcher: Any, sizes: DataSizes | None, r
     batches = {s: b for (s, r), b in pipeline.batches.items() if r == run}
     estimator = _Estimator(config, sizes, device, res.nodes * res.tasks_per_node, batches)
     estimate: Estimate = getattr(estimator, stage)()
-    measured = data_rate(config.data, results_dir)
+    loads_itself = estimate.trained_images and not device.is_gpu and config.data.num_workers == 0
+    measured = data_rate(config.data, results_dir) if loads_itself else None
     data_seconds = 0.0
-    if estimate.trained_images and not device.is_gpu and config.data.num_workers == 0 and measured:
+    if measured:
         data_seconds = estimate.trained_images / measured[0]
         estimate = replace(estimate, counted=f"{estimate.counted} + {estimate.trained_images:,} images decoded and "
                                              f"augmented in the job's process ({measured[1]})")
