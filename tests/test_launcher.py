@@ -111,6 +111,53 @@ def test_call_entry_exit_codes() -> None:
     assert call_entry("emae", ["--version"]) == 0  # the default: the emae program, `python -m emae`
 
 
+def test_a_requeue_that_breaks_a_checkpoint_write_still_ends_the_job_as_requeued(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """submitit's time-out handler calls EmaeCommand.checkpoint and raises SystemExit wherever the
+    command is. Inside torch.save that SystemExit comes back as a RuntimeError: the job must still
+    leave as requeued (SystemExit, no result), or its failed result ends the requeued job (seen in CI)."""
+    import torch
+
+    from emae.launch import job
+    from emae.train.checkpoint import save_checkpoint
+
+    class TimeLimitMidWrite(io.RawIOBase):
+        writes = 0
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            TimeLimitMidWrite.writes += 1
+            if TimeLimitMidWrite.writes == 3:
+                job.EmaeCommand(["pretrain"]).checkpoint()  # what submitit's SIGUSR2 handler does
+                raise SystemExit(-1)
+            return len(data)
+
+    def train(argv: list[str]) -> int:
+        torch.save({"w": torch.zeros(64)}, TimeLimitMidWrite())
+        return 0
+
+    monkeypatch.setattr(job, "_REQUEUEING", False)
+    monkeypatch.setattr(job, "resolve_entry", lambda entry: train)
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # the mechanism: torch rewraps the exit
+        train([])
+    TimeLimitMidWrite.writes = 0
+    monkeypatch.setattr(job, "_REQUEUEING", False)
+    with pytest.raises(SystemExit) as stop:
+        job.call_entry("emae", ["pretrain"])
+    assert stop.value.code == -1
+    # the checkpoint a requeue interrupts is left as it was: the requeued run resumes from it
+    save_checkpoint(tmp_path / "last.pt", {"step": 1})
+    TimeLimitMidWrite.writes = 0
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda state, handle: real_save(state, TimeLimitMidWrite()))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        save_checkpoint(tmp_path / "last.pt", {"step": 2})
+    assert torch.load(tmp_path / "last.pt")["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
 def test_local_command_uses_torchrun_for_several_tasks() -> None:
     assert local_command(["x"], nproc=1)[1:] == ["-m", "emae", "x"]
     assert local_command(["x"], entry=SELFTEST)[1:] == ["-m", "emae.launch._entry", SELFTEST, "x"]

@@ -75,9 +75,9 @@ def test_snakemake_runs_the_whole_dag_and_reruns_nothing(tmp_path: Path) -> None
     # the report's numbers are the stages' own
     knn = json.loads((tmp_path / "results/emae/seed0/knn/metrics.json").read_text())
     assert summary.loc[1, "knn_top1"] == pytest.approx(knn["top1"])
-    # settings, then the effective batch and the lr pre-training ran with (1.5e-3 x 128 / 256), seeds
-    assert "| emae | 4 | 0.75 | 1 | 2 | 128 | 0.00075 | 1 |" in (report / "summary.md").read_text()
-    assert (trained["batch"] == 128).all() and trained["lr"].tolist() == pytest.approx([7.5e-4] * 3)
+    # settings, then the effective batch and the lr pre-training ran with (6e-3 x 128 / 256), seeds
+    assert "| emae | 4 | 0.75 | 1 | 2 | 128 | 0.003 | 1 |" in (report / "summary.md").read_text()
+    assert (trained["batch"] == 128).all() and trained["lr"].tolist() == pytest.approx([3e-3] * 3)
     # the kNN monitor ran every epoch of pre-training: accuracy-vs-time curves have points
     curve = pd.read_csv(report / "curves" / "mae-seed0-knn.csv")
     assert list(curve["epoch"]) == [1, 2] and curve["knn_top1"].between(0, 100).all()

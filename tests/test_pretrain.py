@@ -15,6 +15,7 @@ from emae.data import dataset_digest
 from emae.errors import EmaeError, NonFiniteLossError
 from emae.provenance import file_digest
 from emae.train.checkpoint import RunCheckpoint
+from emae.train.common import autocast_dtype, precision_name
 from emae.train.pretrain import pretrain
 from tests.conftest import CORE_PARAMS, REPO, cli_env
 
@@ -106,7 +107,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def _checkpoint_of(config: Config, path: Path, precision: str = "bfloat16") -> RunCheckpoint:
+def _checkpoint_of(config: Config, path: Path, precision: str | None = None) -> RunCheckpoint:
+    """A checkpoint of `config`'s run; by default in the precision this machine computes it in
+    (`amp: auto` is bf16 on a CPU with AMX, fp32 on one without)."""
+    if precision is None:
+        precision = precision_name(autocast_dtype(config.pretrain.amp, torch.device("cpu")))
     return RunCheckpoint(path / "checkpoints" / "last.pt", {"data": dataset_digest(config.data)}, 1,
                          params={"model": config.model, "pretrain": config.pretrain, "data": config.data},
                          precision=precision)

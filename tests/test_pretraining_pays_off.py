@@ -1,8 +1,10 @@
 """What the evaluations exist to show, on the embedded data with the default params: an encoder
 pre-trained by `emae pretrain` beats the same architecture randomly initialised (as pre-training
-starts) on kNN and on the linear probe. Pre-training is the default pipeline's `mae` variant (K=1,
-lambda=0: 2.5x faster than EMAE on the CPU), 50 epochs (2 min); both variants' figures are in
-docs/evaluation.md (30 epochs are not enough: kNN 66.7 vs 66.4).
+starts) on kNN and on the linear probe, and its linear probe comes within a point of the raw
+pixels'. Pre-training is the default pipeline's `mae` variant (K=1, lambda=0: 2.3x faster than
+EMAE on the CPU), 50 epochs (1.5 min); the study's figures are in docs/evaluation.md (seed 0: kNN
+90.6 vs random 66.4, linear probe 96.7 vs random 91.4 and pixels 96.1; with the earlier recipe,
+batch 128 and crops from 0.2, kNN was 78 and the probe 93).
 
 Dense transfer needs a better encoder: after 100 epochs (kNN ~90) the pre-trained encoder
 fine-tunes to a clearly better segmenter than a random one on generated canvases of single
@@ -46,6 +48,7 @@ def pretrained(digits32: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 
 def test_knn_and_linear_probe_beat_random_init(pretrained: tuple[list[str], Path], tmp_path: Path) -> None:
     from emae.config import load_config
+    from emae.eval.features import PIXELS
     from emae.eval.knn import evaluate_knn
     from emae.eval.linprobe import evaluate_linprobe
 
@@ -55,8 +58,10 @@ def test_knn_and_linear_probe_beat_random_init(pretrained: tuple[list[str], Path
     knn_random = evaluate_knn(config, encoder, tmp_path / "knn_random", random_init=True)["top1"]
     probe = evaluate_linprobe(config, encoder, tmp_path / "probe")["top1"]
     probe_random = evaluate_linprobe(config, encoder, tmp_path / "probe_random", random_init=True)["top1"]
-    assert knn > knn_random + 5, (knn, knn_random)
-    assert probe > probe_random + 1, (probe, probe_random)
+    probe_pixels = evaluate_linprobe(config, Path(PIXELS), tmp_path / "probe_pixels")["top1"]
+    assert knn > knn_random + 15, (knn, knn_random)
+    assert probe > probe_random + 3, (probe, probe_random)
+    assert probe > probe_pixels - 1, (probe, probe_pixels)
 
 
 def test_segmentation_fine_tuned_from_a_longer_pretraining_beats_random_init(

@@ -55,8 +55,12 @@ def call_entry(entry: str, argv: Sequence[str]) -> int:
     func = resolve_entry(entry)
     try:
         code = func(list(argv))
-    except SystemExit as stop:
+    except BaseException as stop:
         if _REQUEUEING:
+            # submitit's handler raised its SystemExit wherever the command was: inside torch.save
+            # it comes back as a RuntimeError ("unexpected pos"), which must not end the job as failed
+            raise SystemExit(-1) from stop
+        if not isinstance(stop, SystemExit):
             raise
         code = stop.code
     return exit_code(code)
