@@ -8,6 +8,7 @@ where the previous run stopped.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -16,6 +17,7 @@ from torch.utils.data import Dataset, Sampler
 from emae.seeding import derive_seed, seeded
 
 
+@dataclass(eq=False)
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
     """Yields batches of (dataset index, augmentation seed); drops the last incomplete batch.
 
@@ -24,19 +26,16 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
     over into the next epoch (or lost from a checkpoint written at the epoch's end).
     """
 
-    def __init__(self, dataset_size: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, drop_last: bool = True,
-                 accum_iter: int = 1) -> None:
-        self.dataset_size = dataset_size
-        self.batch_size = batch_size
-        self.accum_iter = accum_iter
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.epoch = 0
-        self.start_batch = 0
+    dataset_size: int
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    shuffle: bool = True
+    drop_last: bool = True
+    accum_iter: int = 1
+    epoch: int = field(default=0, init=False)
+    start_batch: int = field(default=0, init=False)
 
     def set_position(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch

@@ -10,7 +10,6 @@ its share of every step's images; gradient accumulation over `accum_iter` batche
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -30,7 +29,8 @@ from emae.io import append_jsonl, truncate_jsonl
 from emae.seeding import derive_seed
 from emae.train.checkpoint import RunCheckpoint
 from emae.train import distributed
-from emae.train.common import LossMeter, autocast, autocast_dtype, optimizer_step, precision_name, training_sampler
+from emae.train.common import (LossMeter, autocast, autocast_dtype, micro_batches, optimizer_step, precision_name,
+                               training_sampler)
 
 log = logging.getLogger("emae.dense")
 
@@ -89,27 +89,23 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
     progress = tqdm(total=cfg.iterations, initial=iteration, desc=section, unit="it", dynamic_ncols=True,
                     disable=not dist_info.is_main)
     start = time.perf_counter()
-    micro, meter, metered_steps = 0, None, 0  # meter: loss sums since the last log line, on the device
+    meter, metered_steps = None, 0  # meter: loss sums since the last log line, on the device
     while iteration < cfg.iterations:
         sampler.set_position(iteration // per_epoch, (iteration % per_epoch) * cfg.accum_iter)
-        for batch in loader:
+        for micro, last_micro, batch in micro_batches(loader, cfg.accum_iter, train_model, dist_info):
             # proposal sampling, multi-scale choice, dropout, drop path: from (seed, step, batch, rank)
             torch.manual_seed(derive_seed(cfg.seed, "step", iteration, micro, dist_info.rank))
             scheduler.step_update(iteration)
-            last_micro = micro == cfg.accum_iter - 1
-            sync = last_micro or not dist_info.enabled
-            with (contextlib.nullcontext() if sync else train_model.no_sync()):
-                with autocast(device, amp_dtype):
-                    losses = step_fn(train_model, batch)
-                loss = sum(losses.values())
-                meter = meter or LossMeter(["loss", *losses], device, dist_info)
-                meter.add(iteration, [loss, *losses.values()], 1 / cfg.accum_iter)
-                scaler.scale(loss / cfg.accum_iter).backward()
-            micro += 1
+            with autocast(device, amp_dtype):
+                losses = step_fn(train_model, batch)
+            loss = sum(losses.values())
+            meter = meter or LossMeter(["loss", *losses], device, dist_info)
+            meter.add(iteration, [loss, *losses.values()], 1 / cfg.accum_iter)
+            scaler.scale(loss / cfg.accum_iter).backward()
             if not last_micro:
                 continue
             optimizer_step(model, optimizer, scaler, cfg.clip_grad)
-            iteration, micro, metered_steps = iteration + 1, 0, metered_steps + 1
+            iteration, metered_steps = iteration + 1, metered_steps + 1
             progress.update(1)
             log_now = iteration % cfg.log_every == 0 or iteration == cfg.iterations
             if log_now or iteration % cfg.checkpoint_every == 0:  # before every save

@@ -23,7 +23,6 @@ checkpoints/last.pt {model, optimizer, scaler, step, elapsed_seconds, config, rn
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import time
@@ -50,8 +49,8 @@ from emae.provenance import encoder_digest, write_metrics
 from emae.seeding import derive_seed, seed_everything
 from emae.train import distributed
 from emae.train.checkpoint import RunCheckpoint
-from emae.train.common import (LossMeter, autocast, autocast_dtype, default_device, optimizer_step,
-                               precision_name, training_sampler, warmup_cosine)
+from emae.train.common import (LossMeter, autocast, autocast_dtype, default_device, micro_batches,
+                               optimizer_step, precision_name, training_sampler, warmup_cosine)
 
 log = logging.getLogger("emae.finetune")
 POSTFIX_SECONDS = 1.0  # the progress bar's loss is refreshed at most this often (a host sync)
@@ -165,8 +164,7 @@ def finetune(config: Config, checkpoint: Path, out: Path, random_init: bool = Fa
         progress = tqdm(total=steps_per_epoch, initial=step - first_step, unit="step",
                         desc=f"finetune epoch {epoch + 1}/{cfg.epochs}", disable=not dist_info.is_main,
                         dynamic_ncols=True)
-        micro = 0
-        for imgs, targets in loader:
+        for micro, last_micro, (imgs, targets) in micro_batches(loader, cfg.accum_iter, train_model, dist_info):
             scheduler.step_update(step)
             # Mixup/CutMix (numpy) and drop path (torch) draw from the global RNGs: make them a
             # function of the position so a resumed run draws the same
@@ -174,18 +172,13 @@ def finetune(config: Config, checkpoint: Path, out: Path, random_init: bool = Fa
             imgs, targets = imgs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if mixup is not None:
                 imgs, targets = mixup(imgs, targets)
-            last_micro = micro == cfg.accum_iter - 1
-            no_sync = dist_info.enabled and not last_micro
-            with train_model.no_sync() if no_sync else contextlib.nullcontext():
-                with autocast(device, amp):
-                    loss = criterion(train_model(imgs), targets)
-                meter.add(step, [loss], 1 / cfg.accum_iter)
-                scaler.scale(loss / cfg.accum_iter).backward()
+            with autocast(device, amp):
+                loss = criterion(train_model(imgs), targets)
+            meter.add(step, [loss], 1 / cfg.accum_iter)
+            scaler.scale(loss / cfg.accum_iter).backward()
             images += imgs.shape[0] * dist_info.world_size
-            micro += 1
             if not last_micro:
                 continue
-            micro = 0
             optimizer_step(model, optimizer, scaler, cfg.clip_grad)
             step += 1
             loss_steps += 1

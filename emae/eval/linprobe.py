@@ -42,8 +42,8 @@ from emae.provenance import encoder_digest, write_metrics
 from emae.seeding import derive_seed, seed_everything
 from emae.train import distributed
 from emae.train.checkpoint import RunCheckpoint
-from emae.train.common import (LossMeter, autocast, autocast_dtype, default_device, precision_name, training_sampler,
-                               warmup_cosine)
+from emae.train.common import (LossMeter, autocast, autocast_dtype, default_device, micro_batches, precision_name,
+                               training_sampler, warmup_cosine)
 
 log = logging.getLogger("emae.linprobe")
 
@@ -158,10 +158,10 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
         head.train()
         meter, steps_run = LossMeter(["loss"], device, dist_info), 0
         batches = _batches(sampler, cached) if cached is not None else loader
-        micro = 0
-        for x, y in tqdm(batches, total=(steps_per_epoch - (step - epoch * steps_per_epoch)) * cfg.accum_iter,
-                         desc=f"probe epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                         disable=not dist_info.is_main, dynamic_ncols=True):
+        batches = tqdm(batches, total=(steps_per_epoch - (step - epoch * steps_per_epoch)) * cfg.accum_iter,
+                       desc=f"probe epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                       disable=not dist_info.is_main, dynamic_ncols=True)
+        for _, last_micro, (x, y) in micro_batches(batches, cfg.accum_iter, train_head, dist_info):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cached is None:
                 with torch.no_grad(), autocast(device, amp):
@@ -170,10 +170,8 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
             loss = criterion(train_head(x.float()), y)
             meter.add(step, [loss], 1 / cfg.accum_iter)
             (loss / cfg.accum_iter).backward()  # gradients of the step's accum_iter batches add up
-            micro += 1
-            if micro < cfg.accum_iter:
+            if not last_micro:
                 continue
-            micro = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step, steps_run = step + 1, steps_run + 1

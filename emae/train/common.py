@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from timm.scheduler import CosineLRScheduler
@@ -18,6 +18,8 @@ from emae.errors import EmaeError, NonFiniteLossError
 from emae.attention import AttentionKernels
 from emae.provenance import cpu_bf16, cpu_model
 from emae.train import distributed
+
+T = TypeVar("T")
 
 log = logging.getLogger("emae.precision")
 
@@ -102,6 +104,19 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, cfg: Any, steps_per_epoch: i
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
     return CosineLRScheduler(optimizer, t_initial=total_steps - warmup, lr_min=cfg.min_lr, warmup_t=warmup,
                              warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+
+
+def micro_batches(loader: Iterable[T], accum_iter: int, model: torch.nn.Module,
+                  dist_info: distributed.DistInfo) -> Iterator[tuple[int, bool, T]]:
+    """(micro, last, batch) for each batch of `loader`: `micro` counts the micro-batches of an
+    optimizer step of `accum_iter` of them and `last` marks the one after which the optimizer
+    steps. Under DDP the caller's loop body runs inside `model.no_sync()` on every other
+    micro-batch, so the gradients are all-reduced once a step."""
+    for index, batch in enumerate(loader):
+        micro = index % accum_iter
+        last = micro == accum_iter - 1
+        with model.no_sync() if dist_info.enabled and not last else contextlib.nullcontext():
+            yield micro, last, batch
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -22,7 +22,6 @@ Output folder:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import shutil
@@ -48,8 +47,8 @@ from emae.provenance import write_metrics
 from emae.seeding import derive_seed, seed_everything
 from emae.train import distributed
 from emae.train.checkpoint import RunCheckpoint
-from emae.train.common import (LossMeter, autocast, autocast_dtype, default_device, optimizer_step,
-                               precision_name, set_deterministic, training_sampler, warmup_cosine)
+from emae.train.common import (LossMeter, autocast, autocast_dtype, default_device, micro_batches,
+                               optimizer_step, precision_name, set_deterministic, training_sampler, warmup_cosine)
 
 log = logging.getLogger("emae.pretrain")
 
@@ -161,23 +160,17 @@ def pretrain(config: Config, out: Path,
         meter = LossMeter(list(LOSS_TERMS), device, dist_info)
         progress = tqdm(total=steps_per_epoch, initial=step - first_step, disable=not dist_info.is_main,
                         desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True)
-        micro = 0
-        for batch in loader:
+        for micro, last_micro, batch in micro_batches(loader, cfg.accum_iter, train_model, dist_info):
             imgs = batch[0].to(device, non_blocking=True)
             scheduler.step_update(step)
             mask_generator.manual_seed(derive_seed(cfg.seed, "mask", step, micro, dist_info.rank))
-            last_micro = micro == cfg.accum_iter - 1
-            sync = last_micro or not dist_info.enabled
-            with (train_model.no_sync() if not sync else contextlib.nullcontext()), autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 output = train_model(imgs, generator=mask_generator)
             meter.add(step, [getattr(output, k) for k in LOSS_TERMS], 1 / cfg.accum_iter)
-            with (train_model.no_sync() if not sync else contextlib.nullcontext()):
-                scaler.scale(output.loss / cfg.accum_iter).backward()
+            scaler.scale(output.loss / cfg.accum_iter).backward()
             epoch_images += imgs.shape[0] * dist_info.world_size
-            micro += 1
             if not last_micro:
                 continue
-            micro = 0
             optimizer_step(model, optimizer, scaler, cfg.clip_grad)
             step += 1
             progress.update(1)

@@ -862,13 +862,9 @@ def snakemake_plan(pipeline: Any, config: dict[str, Any]) -> Plan:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", "-p", default="params", metavar="PATH",
-                        help="params directory or file (default: %(default)s)")
-    parser.add_argument("--preset", default=None, help="overlay params/presets/<PRESET>.yaml")
-    parser.add_argument("--launcher-params", default=None, metavar="FILE",
-                        help="launcher settings file instead of the params tree's launcher: section")
-    parser.add_argument("--launcher", action="append", default=[], metavar="KEY=VALUE",
-                        help="launcher override, e.g. kind=slurm, stages.pretrain.gpus_per_node=8 (repeatable)")
+    from emae.workflow.stages import add_pipeline_arguments
+
+    add_pipeline_arguments(parser, "instead of the params tree's launcher: section")
     parser.add_argument("--gpu", default=None, metavar="NAME", help="size every GPU stage for this GPU "
                         f"(resources.gpu_type): {', '.join(d.name for d in GPUS.values())}")
     parser.add_argument("--train-images", type=int, default=None, metavar="N",

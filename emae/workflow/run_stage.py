@@ -12,20 +12,14 @@ import argparse
 import shlex
 import sys
 
-from emae.workflow.stages import STAGES
+from emae.workflow.stages import STAGES, add_pipeline_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("stage", choices=STAGES, help="the stage to run")
     parser.add_argument("--variant", default=None, help="variant (pipeline.variants) of a per-run stage")
     parser.add_argument("--seed", type=int, default=None, help="seed (pipeline.seeds) of a per-run stage")
-    parser.add_argument("--params", "-p", default="params", metavar="PATH",
-                        help="params directory or file (default: %(default)s)")
-    parser.add_argument("--preset", default=None, help="overlay params/presets/<PRESET>.yaml")
-    parser.add_argument("--launcher-params", default=None, metavar="FILE",
-                        help="launcher settings file for `emae launch` (default: its own)")
-    parser.add_argument("--launcher", action="append", default=[], metavar="KEY=VALUE",
-                        help="launcher override, e.g. kind=slurm (repeatable)")
+    add_pipeline_arguments(parser, "for `emae launch` (default: its own)")
     parser.add_argument("--print", action="store_true", dest="print_only",
                         help="print the command line and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",

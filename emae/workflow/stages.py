@@ -20,6 +20,7 @@ again from the current params and hands it to `emae launch` (local or SLURM).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 from collections.abc import Iterable
@@ -62,6 +63,21 @@ PLOTS = {
 }
 CURVES_DIR = "curves"  # one CSV per run (epoch, seconds, losses, kNN): DVC plots read these
 RECONSTRUCTIONS_DIR = "reconstructions"
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser, launcher_help: str | None = None) -> None:
+    """--params and --preset of the commands that read the whole pipeline; with `launcher_help`
+    (what the launcher settings are for) also --launcher-params and --launcher."""
+    parser.add_argument("--params", "-p", default="params", metavar="PATH",
+                        help="params directory or file (default: %(default)s)")
+    parser.add_argument("--preset", default=None, help="overlay params/presets/<PRESET>.yaml")
+    if launcher_help is not None:
+        parser.add_argument("--launcher-params", default=None, metavar="FILE",
+                            help=f"launcher settings file {launcher_help}")
+        parser.add_argument("--launcher", action="append", default=[], metavar="KEY=VALUE",
+                            help="launcher override, e.g. kind=slurm, stages.pretrain.gpus_per_node=8 "
+                                 "(repeatable)")
+
 
 @dataclass(frozen=True, order=True)
 class Run:
