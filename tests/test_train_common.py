@@ -3,6 +3,7 @@ and the deterministic set-up. The check across ranks is in test_ddp.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -12,7 +13,35 @@ import torch
 
 from conftest import PARAMS, TINY_OVERRIDES
 from emae.errors import NonFiniteLossError
-from emae.train.common import CUBLAS_WORKSPACE, LossMeter, set_deterministic
+from emae.train.common import CUBLAS_WORKSPACE, LossMeter, micro_batches, set_deterministic
+from emae.train.distributed import DistInfo
+
+
+class _SyncRecorder(torch.nn.Module):
+    """Stands in for DDP's `no_sync`: records whether the gradient all-reduce is held back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = False
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.held = True
+        try:
+            yield
+        finally:
+            self.held = False
+
+
+def test_micro_batches_hold_the_all_reduce_until_the_last_of_a_step() -> None:
+    model = _SyncRecorder()
+    seen = [(micro, last, batch, model.held)
+            for micro, last, batch in micro_batches("abcdef", 3, model, DistInfo(rank=0, world_size=2))]
+    assert seen == [(0, False, "a", True), (1, False, "b", True), (2, True, "c", False),
+                    (0, False, "d", True), (1, False, "e", True), (2, True, "f", False)]
+    assert not model.held  # the context is left with the loop
+    single = [(micro, last, model.held) for micro, last, _ in micro_batches("ab", 1, model, DistInfo())]
+    assert single == [(0, True, False), (0, True, False)]  # one process: never held, every batch steps
 
 
 def test_non_finite_error_numbers_steps_as_the_logs_do(tmp_path: Path) -> None:
