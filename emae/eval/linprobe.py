@@ -158,10 +158,10 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
         head.train()
         meter, steps_run = LossMeter(["loss"], device, dist_info), 0
         batches = _batches(sampler, cached) if cached is not None else loader
-        batches = tqdm(batches, total=(steps_per_epoch - (step - epoch * steps_per_epoch)) * cfg.accum_iter,
-                       desc=f"probe epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                       disable=not dist_info.is_main, dynamic_ncols=True)
-        for _, last_micro, (x, y) in micro_batches(batches, cfg.accum_iter, train_head, dist_info):
+        progress = tqdm(batches, total=(steps_per_epoch - (step - epoch * steps_per_epoch)) * cfg.accum_iter,
+                        desc=f"probe epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                        disable=not dist_info.is_main, dynamic_ncols=True)
+        for _, last_micro, (x, y) in micro_batches(progress, cfg.accum_iter, train_head, dist_info):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cached is None:
                 with torch.no_grad(), autocast(device, amp):
