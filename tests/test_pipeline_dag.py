@@ -145,6 +145,30 @@ def test_imagenet_presets_follow_the_mae_recipe() -> None:
         assert p.effective_batch_size == 4096 and p.accum_iter is None  # derived: tests/test_batches.py
 
 
+
+def test_digits_long_is_the_default_study_with_four_times_the_pre_training() -> None:
+    """The preset changes the epochs only: the compared variants get 200, the equal-FLOPs one is
+    refitted to MAE's 200 epochs, the kNN monitor runs every 10 epochs instead of 5; every other
+    setting of every run is the default's."""
+    from emae.workflow.stages import Pipeline
+
+    default, long = Pipeline(PARAMS), Pipeline(PARAMS, "digits_long")
+    assert long.runs == default.runs
+    for run, config in long.run_configs.items():
+        tree, base = config.to_dict(), default.run_configs[run].to_dict()
+        epochs, default_epochs = tree["pretrain"]["epochs"], base["pretrain"]["epochs"]
+        if run.variant in long.budgets:  # MAE's FLOPs, fitted in whole epochs
+            assert abs(epochs - 4 * default_epochs) <= 4, (run, epochs, default_epochs)
+        elif run.variant in long.settings.variants:
+            assert epochs == 200 == 4 * default_epochs, run
+        assert (tree["pretrain"]["knn_every_epochs"], base["pretrain"]["knn_every_epochs"]) == (10, 5)
+        for t in (tree, base):
+            t.pop("pipeline", None)
+            for key in ("epochs", "warmup_epochs", "knn_every_epochs"):
+                t["pretrain"].pop(key)
+        assert tree == base, run
+
+
 def test_bad_variant_stops_before_anything_runs(tmp_path: Path) -> None:
     params = tmp_path / "params"
     shutil.copytree(PARAMS, params)
