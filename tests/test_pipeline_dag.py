@@ -145,7 +145,6 @@ def test_imagenet_presets_follow_the_mae_recipe() -> None:
         assert p.effective_batch_size == 4096 and p.accum_iter is None  # derived: tests/test_batches.py
 
 
-
 def test_digits_long_is_the_default_study_with_four_times_the_pre_training() -> None:
     """The preset changes the epochs only: the compared variants get 200, the equal-FLOPs one is
     refitted to MAE's 200 epochs, the kNN monitor runs every 10 epochs instead of 5; every other
