@@ -131,6 +131,9 @@ class PretrainConfig(Section):
     effective_batch_size: int | None = Field(gt=0, description="images per optimizer step over all "
                                              "processes (the recipe's batch); null: what results")
     blr: float = Field(gt=0, description="lr = blr * effective batch / 256")
+    schedule: Literal["cosine", "constant"] = Field(
+        description="after the warm-up: cosine: MAE's half cosine to min_lr; constant: the peak lr "
+                    "to the end (min_lr unused)")
     min_lr: float = Field(ge=0)
     warmup_epochs: float = Field(ge=0)
     weight_decay: float = Field(ge=0)

@@ -32,7 +32,7 @@ TINY_OVERRIDES = [
     "model.num_heads=2", "model.decoder_embed_dim=32", "model.decoder_depth=1",
     "model.decoder_num_heads=2", "pretrain.batch_size=64", "pretrain.epochs=2",
     "pretrain.warmup_epochs=1", "pretrain.log_every_steps=1", "pretrain.checkpoint_every_steps=4",
-    "pretrain.blr=1.5e-3", "data.crop_scale_min=0.2",
+    "pretrain.blr=1.5e-3", "pretrain.schedule=cosine", "data.crop_scale_min=0.2",
 ]
 
 

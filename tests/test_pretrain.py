@@ -198,3 +198,20 @@ def test_a_flop_budget_fits_the_epochs_and_equal_flops_give_k_times_fewer_epochs
     assert pretrain(two, tmp_path / "two")["epochs"] == 2
     with pytest.raises(EmaeError, match="budget_flops=1e.* and pretrain.budget_images=5 are both set"):
         load_config(CORE_PARAMS, tiny_overrides + ["pretrain.budget_flops=1e12", "pretrain.budget_images=5"])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_lr_after_the_warm_up_follows_pretrain_schedule(tmp_path: Path, tiny_overrides: list[str],
+                                                           schedule: str) -> None:
+    config = load_config(CORE_PARAMS, tiny_overrides + [f"pretrain.schedule={schedule}"])
+    metrics = pretrain(config, tmp_path)
+    # what the run computed in is recorded with it (the report compares it across runs)
+    assert metrics["provenance"]["precision"] == precision_name(autocast_dtype("auto", torch.device("cpu")))
+    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    peak, per_epoch = config.pretrain.blr * 64 / 256, 1437 // 64  # 1 warm-up epoch of 2
+    warm, after = [s["lr"] for s in steps[:per_epoch - 1]], [s["lr"] for s in steps[per_epoch:]]
+    assert warm == sorted(warm) and warm[-1] < peak  # the linear warm-up, in both
+    if schedule == "constant":
+        assert after == pytest.approx([peak] * len(after))
+    else:  # half a cosine to min_lr (0)
+        assert after == sorted(after, reverse=True) and after[-1] < 0.01 * peak

@@ -98,11 +98,13 @@ def training_sampler(num_items: int, cfg: Any, section: str,
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, cfg: Any, steps_per_epoch: int,
-                  total_steps: int) -> CosineLRScheduler:
+                  total_steps: int, min_lr: float | None = None) -> CosineLRScheduler:
     """MAE's per-step schedule: linear warm-up over `cfg.warmup_epochs`, then half a cosine to
-    `cfg.min_lr` (at least one step of cosine)."""
+    `min_lr` (default `cfg.min_lr`; the peak lr gives a constant lr after the warm-up), at least
+    one step of cosine."""
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
-    return CosineLRScheduler(optimizer, t_initial=total_steps - warmup, lr_min=cfg.min_lr, warmup_t=warmup,
+    lr_min = cfg.min_lr if min_lr is None else min_lr
+    return CosineLRScheduler(optimizer, t_initial=total_steps - warmup, lr_min=lr_min, warmup_t=warmup,
                              warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
 
 

@@ -107,7 +107,8 @@ def pretrain(config: Config, out: Path,
     model = EMAE.from_config(config.model, config.data).to(device)
     lr = cfg.blr * eff_batch / 256
     optimizer = build_optimizer(model, config, lr)
-    scheduler = warmup_cosine(optimizer, cfg, steps_per_epoch, total_steps)
+    scheduler = warmup_cosine(optimizer, cfg, steps_per_epoch, total_steps,
+                              min_lr=lr if cfg.schedule == "constant" else None)
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -144,9 +145,9 @@ def pretrain(config: Config, out: Path,
                         "is empty and model.consistency_weight has no effect", config.model.num_parts,
                         config.model.mask_ratio)
         log.info("pre-training %s: K=%d mask_ratio=%.2f lambda=%g, %d steps of %d images (lr %.3g), "
-                 "%d epochs = %.3g FLOPs", out, config.model.num_parts, config.model.mask_ratio,
-                 config.model.consistency_weight, total_steps, eff_batch, lr, cfg.epochs,
-                 total_steps * eff_batch * flops_per_image)
+                 "%d epochs = %.3g FLOPs, %s lr after %g warm-up epochs", out, config.model.num_parts,
+                 config.model.mask_ratio, config.model.consistency_weight, total_steps, eff_batch, lr,
+                 cfg.epochs, total_steps * eff_batch * flops_per_image, cfg.schedule, cfg.warmup_epochs)
     writer = _tensorboard(out) if dist_info.is_main else None
 
     # the loop
