@@ -162,8 +162,11 @@ def collect(world_size: int) -> dict[str, Any]:
 
 
 def write_metrics(path: str | Path, metrics: dict[str, Any], inputs: dict[str, str],
-                  world_size: int) -> dict[str, Any]:
-    """Write a stage's metrics.json with its inputs' digests and its provenance; returns it."""
-    record = {**metrics, "inputs": dict(inputs), "provenance": collect(world_size)}
+                  world_size: int, precision: str | None = None) -> dict[str, Any]:
+    """Write a stage's metrics.json with its inputs' digests and its provenance; returns it.
+    `precision`: what a training stage computed in ("bfloat16", "float32"; `amp: auto` picks by
+    device, and it changes the figures), so the report can tell runs apart that differ in it."""
+    provenance = collect(world_size) | ({"precision": precision} if precision else {})
+    record = {**metrics, "inputs": dict(inputs), "provenance": provenance}
     write_json(path, record)
     return record

@@ -39,7 +39,7 @@ def _write_params(root: Path, seeds: list[int], full: bool = False, **stages: bo
 PROVENANCE = {"commit": "0123456789abcdef", "dirty": False, "diff_sha256": None, "emae": "0.1.0",
               "torch": "2.14.1", "timm": "1.0.31", "cuda": None, "device": "cpu",
               "device_names": ["Test CPU"], "device_count": 1, "world_size": 1, "hosts": ["h1"],
-              "finished": "2026-12-01T00:00:00+00:00"}
+              "precision": "float32", "finished": "2026-12-01T00:00:00+00:00"}
 
 
 def _write_run(root: Path, variant: str, seed: int, k: int, epochs: int = 4, finetune: bool = True,
@@ -161,15 +161,16 @@ def test_missing_metrics_name_the_file(tmp_path: Path) -> None:
 def test_provenance_table_and_warnings(tmp_path: Path) -> None:
     """The report says which code, devices and versions produced each stage's runs, and warns
     when a result is stale (made from another encoder than the run's current one) or when the runs
-    it compares differ in code or devices."""
+    it compares differ in code, devices or training precision (`amp: auto` picks by device)."""
     params = _write_params(tmp_path, seeds=[0])
     _write_run(tmp_path, "mae", 0, 1)
     _write_run(tmp_path, "emae", 0, 4, provenance={**PROVENANCE, "commit": "fedcba9876543210",
-                                                    "device_names": ["Other CPU"]})
+                                                    "device_names": ["Other CPU"], "precision": "bfloat16"})
     result = run_cli("report", "-p", str(params), "-o", "out", cwd=tmp_path)
     markdown = (tmp_path / "out" / "summary.md").read_text()
     provenance = markdown[markdown.index("## Provenance"):]
     assert "| pretrain | 2 | 0123456789 / fedcba9876 | 1 x Other CPU / 1 x Test CPU |" in provenance
+    assert "the pretrain runs differ in training precision: bfloat16; float32" in provenance
     assert "the knn runs differ in code (commit + uncommitted diff): 0123456789; fedcba9876" in provenance
     assert "the pretrain runs differ in devices: 1 x Other CPU; 1 x Test CPU" in provenance
     assert "stale" not in provenance and "stale" not in result.stderr

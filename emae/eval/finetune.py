@@ -214,7 +214,8 @@ def finetune(config: Config, checkpoint: Path, out: Path, random_init: bool = Fa
                    "epochs": cfg.epochs, "steps": step, "lr": lr, "effective_batch_size": eff_batch,
                    "finetune_seconds": elapsed, "world_size": dist_info.world_size,
                    "checkpoint": str(checkpoint), "random_init": random_init}
-        metrics = write_metrics(out / "metrics.json", metrics, ckpt.inputs, dist_info.world_size)
+        metrics = write_metrics(out / "metrics.json", metrics, ckpt.inputs, dist_info.world_size,
+                                precision_name(amp))
         log.info("fine-tuned: top-1 %.2f%%, top-5 %.2f%% -> %s", metrics["top1"], metrics["top5"],
                  out / "metrics.json")
     distributed.barrier(dist_info)

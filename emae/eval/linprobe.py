@@ -98,7 +98,8 @@ def evaluate_linprobe(config: Config, checkpoint: Path, out: Path, random_init: 
     metrics = linear_probe(encoder, config, out, train_set, val_set, inputs)
     if metrics:
         metrics |= {"random_init": random_init, "checkpoint": str(checkpoint)}
-        metrics = write_metrics(out / "metrics.json", metrics, inputs, metrics["world_size"])
+        metrics = write_metrics(out / "metrics.json", metrics, inputs, metrics["world_size"],
+                                metrics["precision"])
     return metrics
 
 
@@ -195,7 +196,8 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
                "epochs": cfg.epochs, "steps": step, "lr": lr, "feature_dim": int(val_feats.shape[1]),
                "num_train": len(train_set), "num_val": len(val_set), "augment": cfg.augment, "pool": cfg.pool,
                "effective_batch_size": eff_batch, "accum_iter": cfg.accum_iter,
-               "world_size": dist_info.world_size, "seconds": time.perf_counter() - start}
+               "world_size": dist_info.world_size, "precision": precision_name(amp),
+               "seconds": time.perf_counter() - start}
     distributed.barrier(dist_info)
     distributed.cleanup(dist_info)
     return metrics if dist_info.is_main else {}

@@ -193,7 +193,8 @@ def to_markdown(summary: pd.DataFrame, decimals: int, reference: str) -> str:
 
 # what must agree between the runs of one stage for their figures to be compared
 COMPARED = {"commit": "code (commit + uncommitted diff)", "device": "devices",
-            "versions": "package versions", "world_size": "process counts"}
+            "versions": "package versions", "world_size": "process counts",
+            "precision": "training precision"}
 
 
 def _describe(provenance: dict[str, Any]) -> dict[str, str]:
@@ -205,7 +206,8 @@ def _describe(provenance: dict[str, Any]) -> dict[str, str]:
     versions = ", ".join(f"{k} {provenance.get(k)}" for k in ("emae", "torch", "timm", "cuda")
                          if provenance.get(k) is not None)
     return {"commit": code, "device": device, "versions": versions or "unknown",
-            "world_size": str(provenance.get("world_size", "unknown"))}
+            "world_size": str(provenance.get("world_size", "unknown")),
+            "precision": provenance.get("precision", "-")}  # recorded by the training stages
 
 
 def _expected_inputs(stage: str, run: Run, root: Path) -> dict[str, str]:

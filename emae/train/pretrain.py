@@ -225,7 +225,8 @@ def pretrain(config: Config, out: Path,
         for key in ("knn_top1", "knn_top5"):
             if key in epoch_stats:
                 metrics[key] = epoch_stats[key]
-        metrics = write_metrics(out / "metrics.json", metrics, ckpt.inputs, dist_info.world_size)
+        metrics = write_metrics(out / "metrics.json", metrics, ckpt.inputs, dist_info.world_size,
+                                precision_name(amp_dtype))
         if writer is not None:
             writer.close()
     distributed.barrier(dist_info)
