@@ -99,7 +99,7 @@ def evaluate_linprobe(config: Config, checkpoint: Path, out: Path, random_init: 
     if metrics:
         metrics |= {"random_init": random_init, "checkpoint": str(checkpoint)}
         metrics = write_metrics(out / "metrics.json", metrics, inputs, metrics["world_size"],
-                                metrics["precision"])
+                                metrics.pop("precision"))  # kept once, in the provenance
     return metrics
 
 
