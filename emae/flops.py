@@ -50,7 +50,7 @@ def forward_flops(model: ModelDims, img_size: int, in_chans: int) -> float:
 
 
 def train_flops_per_image(model: ModelDims, img_size: int, in_chans: int) -> float:
-    """FLOPs of one image in a training step: forward + backward (= 2 x forward)."""
+    """FLOPs of one image in a training step: forward + backward (backward = 2 x forward)."""
     return 3 * forward_flops(model, img_size, in_chans)
 
 

@@ -17,7 +17,8 @@ continues from `checkpoints/last.pt` (atomic) and ends with the same weights.
 
 Output folder: metrics.json {top1, top5 (percent, val, last epoch), best_top1, val_loss, epochs,
 steps, lr, effective_batch_size, finetune_seconds, world_size, checkpoint}, log.jsonl (per epoch),
-checkpoints/last.pt {model, optimizer, scaler, step, elapsed_seconds, config, rng}.
+checkpoints/last.pt {model, optimizer, scaler, step, elapsed_seconds} (no RNG states: every
+draw is reseeded from the seed and the position).
 """
 
 from __future__ import annotations

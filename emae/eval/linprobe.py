@@ -3,7 +3,7 @@
 The encoder is frozen (eval mode, no gradients); the head is BatchNorm1d(affine=False, eps=1e-6)
 followed by a Linear layer (weights N(0, 0.01)) on the class-token feature, trained with LARS
 (timm.optim.Lars; trust ratio on the weight matrix only, as MAE's LARS), lr = blr * batch_size *
-world_size / 256, warmup then half-cycle cosine per iteration, no weight decay.
+accum_iter * world_size / 256, warmup then half-cycle cosine per iteration, no weight decay.
 
 With `linprobe.augment: false` the features of both splits are computed once and the head trains
 on the cached tensors (seconds); with `true`, training images get MAE's RandomResizedCrop + flip

@@ -161,9 +161,8 @@ class LossMeter:
         self.last = v
 
     def raise_if_non_finite(self, ckpt_path: Path, prefix: str = "") -> None:
-        """Called before every save (a host sync; a collective with several ranks), so no
-        checkpoint holds weights a non-finite loss updated: NonFiniteLossError on every rank,
-        naming the first such step over all ranks, the rank and its terms."""
+        """Called before every save, so no checkpoint holds weights a non-finite loss updated:
+        NonFiniteLossError naming the first such step over all ranks, the rank and its terms."""
         found = self._first_bad(ckpt_path)
         if found is None:
             return

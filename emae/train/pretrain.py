@@ -12,7 +12,8 @@ counts *images*, not the K*images views (as in MAE, whose recipe EMAE inherits).
 
 Output folder:
   config.yaml          the resolved config
-  checkpoints/last.pt  model (with decoder), optimizer, scaler, position, RNG states, config
+  checkpoints/last.pt  model (with decoder), optimizer, scaler, position, config (no RNG
+                       states: every draw is seeded from the seed and the position)
   log.jsonl            one line per epoch (loss parts, lr, images/s, seconds, kNN when monitored)
   steps.jsonl          per-step scalars every `log_every_steps` (also in tb/ for TensorBoard)
   encoder.safetensors  the encoder alone, timm VisionTransformer key names
