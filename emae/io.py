@@ -54,6 +54,12 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file in order; none when it does not exist."""
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """The one writer of log lines: append `record` as one JSON line (sorted keys). A write that
     fails (a full disk) cuts the file back to its old length: no half line is left in it."""
@@ -78,9 +84,8 @@ def truncate_jsonl(path: str | Path, key: str, limit: int) -> None:
     they will be written again."""
     path = Path(path)
     if path.exists():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)[key] <= limit]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        kept = [record for record in read_jsonl(path) if record[key] <= limit]
+        atomic_write_text(path, "".join(json.dumps(record, sort_keys=True) + "\n" for record in kept))
 
 
 def _mode_for(path: Path) -> int:

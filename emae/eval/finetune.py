@@ -45,7 +45,7 @@ from emae.data import SeededDataset, build_dataset, dataset_digest, eval_transfo
 from emae.eval.config import FinetuneConfig
 from emae.eval.features import (add_encoder_evaluation_arguments, build_encoder, run_encoder_evaluation,
                                 topk_correct)
-from emae.io import append_jsonl, truncate_jsonl
+from emae.io import append_jsonl, read_jsonl, truncate_jsonl
 from emae.provenance import encoder_digest, write_metrics
 from emae.seeding import derive_seed, seed_everything
 from emae.train import distributed
@@ -210,7 +210,7 @@ def finetune(config: Config, checkpoint: Path, out: Path, random_init: bool = Fa
         result = evaluate(model, val_set, cfg.batch_size, config.data.num_workers, device, dist_info, amp)
     metrics: dict[str, Any] = {}
     if dist_info.is_main:
-        logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+        logged = read_jsonl(out / "log.jsonl")
         metrics = {**result, "best_top1": max([result["top1"], *(r["top1"] for r in logged if "top1" in r)]),
                    "epochs": cfg.epochs, "steps": step, "lr": lr, "effective_batch_size": eff_batch,
                    "finetune_seconds": elapsed, "world_size": dist_info.world_size,

@@ -17,7 +17,7 @@ import pandas as pd
 from scipy import stats
 
 from emae.errors import EmaeError
-from emae.io import read_json
+from emae.io import read_json, read_jsonl
 from emae.provenance import file_digest
 from emae.workflow.stages import DENSE_STAGES, EVAL_STAGES, MODEL_STAGES, Pipeline, Run
 
@@ -62,7 +62,7 @@ def read_log(path: Path) -> pd.DataFrame:
     """A run's `log.jsonl` (one line per epoch) as a frame sorted by epoch."""
     if not path.is_file():
         raise EmaeError(f"{path}: missing (pre-training writes it)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)
     if not rows:
         raise EmaeError(f"{path}: empty")
     return pd.DataFrame(rows).sort_values("epoch").reset_index(drop=True)

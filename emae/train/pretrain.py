@@ -40,7 +40,7 @@ from emae.config import Config, add_config_arguments, config_from_args, effectiv
 from emae.data import SeededDataset, build_dataset, dataset_digest, pretrain_transform
 from emae.errors import EmaeError
 from emae.flops import fit_epochs, train_flops_per_image
-from emae.io import append_jsonl, truncate_jsonl
+from emae.io import append_jsonl, read_jsonl, truncate_jsonl
 from emae.masking import masked_in_both
 from emae.models import EMAE, save_encoder
 from emae.models.export import ENCODER_FILE
@@ -210,8 +210,7 @@ def pretrain(config: Config, out: Path,
 
     metrics: dict[str, Any] = {}
     if not epoch_stats:  # killed after the last checkpoint: the last epoch's line has the figures
-        lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
-        epoch_stats = json.loads(lines[-1]) if lines else {}
+        epoch_stats = (read_jsonl(out / "log.jsonl") or [{}])[-1]
     if dist_info.is_main:
         save_encoder(model, out / ENCODER_FILE)
         metrics = {"epochs": cfg.epochs, "steps": step, "pretrain_seconds": elapsed,
