@@ -22,10 +22,12 @@ from emae.errors import EmaeError
 log = logging.getLogger(__name__)
 
 
-def pretrain_transform(data_cfg: Any) -> Callable:
-    """MAE's pre-training augmentation: RandomResizedCrop (bicubic), horizontal flip, normalise."""
+def pretrain_transform(data_cfg: Any, crop_scale_min: float | None = None) -> Callable:
+    """MAE's pre-training (and augmented linear-probe) augmentation: RandomResizedCrop (bicubic,
+    smallest area `crop_scale_min`, by default the data's), horizontal flip, normalise."""
+    scale_min = data_cfg.crop_scale_min if crop_scale_min is None else crop_scale_min
     steps: list[Callable] = [
-        transforms.RandomResizedCrop(data_cfg.image_size, scale=(data_cfg.crop_scale_min, 1.0),
+        transforms.RandomResizedCrop(data_cfg.image_size, scale=(scale_min, 1.0),
                                      interpolation=transforms.InterpolationMode.BICUBIC),
     ]
     if data_cfg.hflip:

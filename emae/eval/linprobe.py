@@ -18,7 +18,6 @@ epoch: epoch, step, loss, lr, top1, top5), checkpoints/last.pt.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -29,15 +28,15 @@ import torch.nn as nn
 from timm.optim import Lars
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from torchvision import transforms
 from tqdm import tqdm
 
 from emae.config import Config, effective_batch
-from emae.data import ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest, eval_transform
+from emae.data import (ResumableBatchSampler, SeededDataset, build_dataset, dataset_digest, eval_transform,
+                       pretrain_transform)
 from emae.eval.config import LinprobeConfig
 from emae.eval.features import (accuracy, add_encoder_evaluation_arguments, build_encoder, extract_features,
                                 pooled, run_encoder_evaluation)
-from emae.io import append_jsonl, truncate_jsonl
+from emae.io import append_jsonl, read_jsonl, truncate_jsonl
 from emae.provenance import encoder_digest, write_metrics
 from emae.seeding import derive_seed, seed_everything
 from emae.train import distributed
@@ -66,17 +65,6 @@ def build_lars(head: nn.Module, lr: float, cfg: LinprobeConfig) -> Lars:
                 lr=lr, momentum=cfg.momentum)
 
 
-def probe_train_transform(config: Config, cfg: LinprobeConfig) -> transforms.Compose:
-    """MAE's linprobe augmentation: RandomResizedCrop (bicubic) + flip (when the data allow it)."""
-    steps: list[Any] = [transforms.RandomResizedCrop(
-        config.data.image_size, scale=(cfg.crop_scale_min, 1.0),
-        interpolation=transforms.InterpolationMode.BICUBIC)]
-    if config.data.hflip:
-        steps.append(transforms.RandomHorizontalFlip())
-    steps += [transforms.ToTensor(), transforms.Normalize(config.data.mean, config.data.std)]
-    return transforms.Compose(steps)
-
-
 # ----------------------------------------------------------------------------------- command
 
 
@@ -90,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
 def evaluate_linprobe(config: Config, checkpoint: Path, out: Path, random_init: bool = False
                       ) -> dict[str, Any]:
     cfg: LinprobeConfig = config.section("linprobe")
-    train_tf = probe_train_transform(config, cfg) if cfg.augment else eval_transform(config.data)
+    train_tf = pretrain_transform(config.data, cfg.crop_scale_min) if cfg.augment else eval_transform(config.data)
     train_set = build_dataset(config.data, "train", train_tf)
     val_set = build_dataset(config.data, "val", eval_transform(config.data))
     encoder = build_encoder(checkpoint, config.data, random_init=random_init, seed=cfg.seed)
@@ -191,7 +179,7 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
     torch.set_num_threads(threads)
     if not record:  # complete already: evaluate the saved head
         record = _evaluate(head, val_feats, val_labels, device)
-    best = max([best, *(json.loads(line)["top1"] for line in _log_lines(out / "log.jsonl"))])
+    best = max([best, *(r["top1"] for r in read_jsonl(out / "log.jsonl"))])
     metrics = {"top1": record["top1"], "top5": record["top5"], "best_top1": best,
                "epochs": cfg.epochs, "steps": step, "lr": lr, "feature_dim": int(val_feats.shape[1]),
                "num_train": len(train_set), "num_val": len(val_set), "augment": cfg.augment, "pool": cfg.pool,
@@ -219,7 +207,3 @@ def _evaluate(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, device
     scores = torch.cat([head(feats[i : i + 4096].to(device)).float().cpu()
                         for i in range(0, len(feats), 4096)])
     return accuracy(scores, labels)
-
-
-def _log_lines(path: Path) -> list[str]:
-    return [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
