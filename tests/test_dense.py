@@ -109,12 +109,7 @@ def test_prepare_dense_is_deterministic_and_skips_when_done(dense_root: Path, tm
 def test_window_attention_is_local_and_global_when_one_window() -> None:
     from timm.models.vision_transformer import VisionTransformer
 
-    from emae.dense.backbone import ViTDetBackbone, window_partition, window_unpartition
-
-    x = torch.randn(2, 5, 7, 8)  # [B, H, W, D]: pads to 8x8 with window 4
-    windows, padded = window_partition(x, 4)
-    assert windows.shape == (2 * 4, 16, 8) and padded == (8, 8)
-    assert torch.equal(window_unpartition(windows, 4, padded, (5, 7)), x)
+    from emae.dense.backbone import ViTDetBackbone
 
     torch.manual_seed(0)
     vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=0).eval()
@@ -132,6 +127,11 @@ def test_window_attention_is_local_and_global_when_one_window() -> None:
     diff = (after - base).abs().amax(dim=1)[0]  # [4, 4]
     assert diff[:2, :2].max() > 1e-3 and diff[2:, :].max() == 0 and diff[:, 2:].max() == 0
     assert (glob_after - glob.forward_vit(images)).abs().amax(dim=1)[0][2:, 2:].max() > 1e-4
+    padded = ViTDetBackbone(vit, 3, [], [1.0], 8).eval()  # the 4x4 grid pads to 6x6: windows of 3x3
+    with torch.no_grad():
+        padded_diff = (padded.forward_vit(changed) - padded.forward_vit(images)).abs().amax(dim=1)[0]
+    assert padded_diff.shape == (4, 4) and padded_diff[:3, :3].max() > 1e-3
+    assert padded_diff[3:, :].max() == 0 and padded_diff[:, 3:].max() == 0
 
 
 def test_adapter_loads_every_encoder_key(encoder: Path, tmp_path: Path) -> None:

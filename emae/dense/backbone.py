@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer_sam import window_partition, window_unpartition
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from emae.errors import ConfigError
@@ -43,28 +44,6 @@ def vit_group_matcher(prefix: str = VIT_PREFIX) -> dict[str, str]:
 
 def no_weight_decay(prefix: str = VIT_PREFIX) -> list[str]:
     return [f"{prefix}pos_embed", f"{prefix}cls_token"]  # 1-D params are excluded by timm anyway
-
-
-def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """x: [B, H, W, D] -> windows [B * nH * nW, window * window, D] and the padded (Hp, Wp)."""
-    b, h, w, d = x.shape
-    pad_h, pad_w = (-h) % window, (-w) % window
-    if pad_h or pad_w:
-        x = nn.functional.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    hp, wp = h + pad_h, w + pad_w
-    x = x.view(b, hp // window, window, wp // window, window, d)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, d), (hp, wp)
-
-
-def window_unpartition(windows: torch.Tensor, window: int, padded: tuple[int, int],
-                       size: tuple[int, int]) -> torch.Tensor:
-    """windows: [B * nH * nW, window * window, D] -> [B, H, W, D] (padding dropped)."""
-    hp, wp = padded
-    d = windows.shape[-1]
-    b = windows.shape[0] // ((hp // window) * (wp // window))
-    x = windows.view(b, hp // window, wp // window, window, window, d)
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, d)
-    return x[:, : size[0], : size[1], :].contiguous()
 
 
 class SimpleFeaturePyramid(nn.Module):
@@ -134,8 +113,9 @@ class ViTDetBackbone(nn.Module):
         x = vit.norm_pre(vit.pos_drop(x + pos.reshape(1, h, w, d)))
         for i, block in enumerate(vit.blocks):
             if self.window_size and i not in self.global_blocks:
-                windows, padded = window_partition(x, self.window_size)
-                x = window_unpartition(block(windows), self.window_size, padded, (h, w))
+                windows, padded = window_partition(x, self.window_size)  # [B * nW, ws, ws, D]
+                windows = block(windows.flatten(1, 2)).view_as(windows)
+                x = window_unpartition(windows, self.window_size, (h, w), padded)
             else:
                 x = block(x.reshape(b, h * w, d)).reshape(b, h, w, d)
         return vit.norm(x).permute(0, 3, 1, 2)  # [B, D, h, w]
