@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils.data import TensorDataset
 
 from emae.config import Config, load_config
 from emae.errors import EmaeError
-from emae.eval.knn import evaluate_knn, knn_monitor, knn_scores
+from emae.eval.knn import evaluate_knn, knn_monitor, knn_scores, monitor_datasets
 from emae.eval.linprobe import evaluate_linprobe, linear_probe
 from emae.models import EMAE, save_encoder
 from emae.train.distributed import DistInfo
@@ -101,13 +102,14 @@ def _monitor_rank(rank: int, world_size: int, port: int, root: str, out: str) ->
     info = init_distributed()
     config = _config(Path(root))
     encoder = build_encoder(Path(out) / "encoder.safetensors", config.data)
-    result = knn_monitor(encoder, config, torch.device("cpu"), info)
+    result = knn_monitor(encoder, config, torch.device("cpu"), info, monitor_datasets(config))
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
     cleanup(info)
 
 
 def test_knn_monitor_agrees_across_ddp_ranks(export: Path, digits_root: Path, tmp_path: Path) -> None:
-    """Two gloo ranks each encode half of the data; both return the single-process figures."""
+    """Two gloo ranks each encode half of the data (kept as tensors); both return the figures of
+    one process that decodes and transforms the images (data.cache_mb=0: datasets, not tensors)."""
     import shutil
 
     shutil.copy(export, tmp_path / "encoder.safetensors")
@@ -118,8 +120,11 @@ def test_knn_monitor_agrees_across_ddp_ranks(export: Path, digits_root: Path, tm
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     from emae.eval.features import build_encoder
 
-    config = _config(digits_root)
-    single = knn_monitor(build_encoder(export, config.data), config, torch.device("cpu"), DistInfo())
+    config = _config(digits_root, "data.cache_mb=0")
+    datasets = monitor_datasets(config)
+    assert not any(isinstance(d, TensorDataset) for d in datasets)
+    assert all(isinstance(d, TensorDataset) for d in monitor_datasets(_config(digits_root)))
+    single = knn_monitor(build_encoder(export, config.data), config, torch.device("cpu"), DistInfo(), datasets)
     assert results[0] == results[1]
     assert results[0]["knn_top1"] == pytest.approx(single["knn_top1"])
     assert results[0]["knn_top5"] == pytest.approx(single["knn_top5"])

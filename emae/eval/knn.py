@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
 from emae.config import Config
 from emae.data import build_dataset, dataset_digest, eval_transform
@@ -66,13 +67,30 @@ def knn_features(encoder: torch.nn.Module, config: Config, device: torch.device,
 
 
 def knn_monitor(encoder: torch.nn.Module, config: Config, device: torch.device,
-                dist_info: distributed.DistInfo) -> dict[str, float]:
-    """kNN top-1/top-5 of `encoder` (pre-training monitor). Under DDP every rank encodes its share,
-    features are all-gathered, and every rank computes (and returns) the same figures."""
+                dist_info: distributed.DistInfo, datasets: tuple[Any, Any]) -> dict[str, float]:
+    """kNN top-1/top-5 of `encoder` on `datasets` (`monitor_datasets`; the pre-training monitor).
+    Under DDP every rank encodes its share, features are all-gathered, and every rank computes
+    (and returns) the same figures."""
     cfg: KnnConfig = config.section("knn")
-    train, val = knn_features(encoder, config, device, dist_info)
+    train, val = knn_features(encoder, config, device, dist_info, datasets)
     result = knn_accuracy(train, val, config.data.num_classes, cfg.k, cfg.temperature)
     return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
+
+
+def monitor_datasets(config: Config) -> tuple[Any, Any]:
+    """The eval view of both splits, built once for all of a run's monitor passes. The view is
+    deterministic, so where the transformed images of a split fit in `data.cache_mb` (the embedded
+    digits: 22 MB of 64) they are kept as tensors and a pass runs the encoder alone (decoding and
+    transforming were 60% of a pass on the digits)."""
+    return tuple(_as_tensors(dataset, config.data.cache_mb) for dataset in _datasets(config))
+
+
+def _as_tensors(dataset: Any, cache_mb: float) -> Any:
+    image, _ = dataset[0]
+    if len(dataset) * image.numel() * image.element_size() > cache_mb * 2**20:
+        return dataset
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    return TensorDataset(torch.stack(images), torch.as_tensor(labels))
 
 
 def _datasets(config: Config) -> tuple[Any, Any]:

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from emae.config import Config, add_config_arguments, config_from_args, effective_batch, save_config
 from emae.data import SeededDataset, build_dataset, dataset_digest, pretrain_transform
 from emae.errors import EmaeError
+from emae.eval.knn import knn_monitor, monitor_datasets
 from emae.flops import fit_epochs, train_flops_per_image
 from emae.io import append_jsonl, read_jsonl, truncate_jsonl
 from emae.masking import masked_in_both
@@ -155,6 +156,7 @@ def pretrain(config: Config, out: Path,
     mask_generator = torch.Generator(device=device)
     start_epoch = step // steps_per_epoch
     epoch_stats: dict[str, float] = {}
+    monitor_sets = None  # the kNN monitor's data, built at its first pass
     for epoch in range(start_epoch, cfg.epochs):
         first_step = epoch * steps_per_epoch
         sampler.set_position(epoch, (step - first_step) * cfg.accum_iter)
@@ -197,7 +199,8 @@ def pretrain(config: Config, out: Path,
                         "images_per_s": epoch_images / epoch_seconds, "epoch_seconds": epoch_seconds,
                         "pretrain_seconds": elapsed, "flops": step * eff_batch * flops_per_image}
         if cfg.knn_every_epochs and ((epoch + 1) % cfg.knn_every_epochs == 0 or epoch + 1 == cfg.epochs):
-            epoch_stats |= _knn_monitor(model, config, device, dist_info)
+            monitor_sets = monitor_sets or monitor_datasets(config)
+            epoch_stats |= knn_monitor(model.encoder, config, device, dist_info, monitor_sets)
         if dist_info.is_main:
             append_jsonl(out / "log.jsonl", epoch_stats)
             if writer is not None:
@@ -259,17 +262,6 @@ def _check_epochs(before: int, epochs: int, step: int, steps_per_epoch: int, pat
     if epochs != before:
         log.warning("pretrain.epochs %s -> %s: the lr schedule is laid over %s epochs from step %d on "
                     "(a finished run restarts from a higher lr)", before, epochs, epochs, step)
-
-
-def _knn_monitor(model: EMAE, config: Config, device: torch.device,
-                 dist_info: distributed.DistInfo) -> dict[str, float]:
-    from emae.eval.knn import knn_monitor
-
-    was_training = model.training
-    model.eval()
-    result = knn_monitor(model.encoder, config, device, dist_info)
-    model.train(was_training)
-    return result
 
 
 def _tensorboard(out: Path) -> Any:
