@@ -1,23 +1,11 @@
 """`emae plan`: what the configured pipeline will cost, before any job runs.
 
-For every job of the pipeline (variants x seeds x stages, `emae.workflow.stages.Pipeline`) and the
-launcher resources of its stage, the plan gives:
-
-- **FLOPs**, from the analytic count of `emae.flops` (matmuls and attention, 2 per multiply-add):
-  pre-training = images per epoch x epochs x `train_flops_per_image` (+ the kNN monitor's encoder
-  passes); the evaluation stages = the encoder's forward over the images they read, x 3 where they
-  train it (fine-tuning, dense backbones). Heads, data loading and host work are not counted.
-- **device-hours**, FLOPs / a throughput: the figure `benchmarks/` measured for that GPU
-  (`benchmarks/gpu_step.py`'s JSON) where there is one, else an assumed MFU of the GPU's datasheet
-  dense bf16 peak (labelled "assumed"); on this CPU, `benchmarks/step_throughput.py`'s figures.
-- **memory per GPU** for the per-GPU batch and K: weights, gradients, AdamW state, autocast copies,
-  DDP buckets and the activations autograd keeps (per token per block, see
-  `block_activation_bytes`), against the GPU named by the launcher (`resources.gpu_type`).
-- **time-limit requeues**: the estimated wall time of a job against its stage's `time_min`.
-
-A stage whose estimate does not fit its named GPU is an error (`check_fits`), before any job.
-Everything here is arithmetic on the validated params: no model is built and no image read (an
-existing ImageFolder's files are counted). docs/pipeline.md shows the output and its checks.
+For every job (variants x seeds x stages, `emae.workflow.stages.Pipeline`) on its stage's launcher
+resources: the analytic FLOPs of `emae.flops`, device-hours at a measured (`benchmarks/results`) or
+assumed rate, the memory per GPU against the GPU the launcher names, and the time-limit requeues;
+a stage that does not fit its named GPU is an error (`check_fits`). Pure arithmetic on the validated
+params (every Snakemake start runs it): no model is built, no image read, only an existing
+ImageFolder's files counted. docs/pipeline.md describes each figure, the output and its checks.
 """
 
 from __future__ import annotations
@@ -381,9 +369,9 @@ def count_images(root: Path) -> tuple[int, int] | None:
 
 def data_sizes(config: Any, prepare: bool, train: int | None = None,
                val: int | None = None) -> DataSizes | None:
-    """The train / val image counts the stages read: given, the prepared set's manifest, CIFAR's,
-    counted in data.root, the embedded set `emae prepare` will write, or ImageNet-1k's for a missing
-    1000-class ImageFolder (assumed); None when none of these applies."""
+    """The train / val image counts the stages read, the first of: given, CIFAR's, the prepared set's
+    manifest, counted in data.root, the embedded set `emae prepare` will write, or ImageNet-1k's for a
+    missing 1000-class ImageFolder (assumed); None when none of these applies."""
     data = config.data
     root = Path(data.root)
     if train is not None and val is not None:
@@ -629,14 +617,9 @@ def _hours(hours: float | None) -> str:
 # ---------------------------------------------------------------------------- stage estimates
 
 
-def _compute_bytes(amp: str, device: Device) -> int:
-    """Bytes of the autocast dtype: bf16 / fp16 on a GPU unless amp is off; fp32 on the CPU."""
-    return 2 if device.is_gpu and amp != "off" else 4
-
-
 def _runs_of(epochs: int, every: int) -> int:
     """How often an every-N-epochs evaluation runs (and once more at the end, if not on it)."""
-    return 0 if not every else epochs // every + (epochs % every != 0)
+    return math.ceil(epochs / every) if every else 0
 
 
 class _Estimator:
@@ -662,7 +645,15 @@ class _Estimator:
         return 2.0 * self.sizes.train * self.sizes.val * self.model.embed_dim if self.sizes else 0.0
 
     def _bytes(self, amp: str) -> int:
-        return _compute_bytes(amp, self.device)
+        """Bytes of the autocast dtype: bf16 / fp16 on a GPU unless amp is off; fp32 on the CPU."""
+        return 2 if self.device.is_gpu and amp != "off" else 4
+
+    def _encoder_memory(self, cfg: Any, train: bool, img_size: int | None = None, extra_params: int = 0,
+                        lower_bound: bool = False) -> Memory:
+        """`encoder_memory` at a stage's batch and amp, on whole images (default: the data's size)."""
+        size = self.img if img_size is None else img_size
+        return encoder_memory(self.model, size, self.chans, cfg.batch_size, self._bytes(cfg.amp), train,
+                              self.processes, self.device, extra_params, lower_bound)
 
     def pretrain(self) -> Estimate:
         cfg = self.config.pretrain
@@ -685,11 +676,9 @@ class _Estimator:
 
     def knn(self) -> Estimate:
         cfg = self.config.section("knn")
-        memory = encoder_memory(self.model, self.img, self.chans, cfg.batch_size, self._bytes(cfg.amp), False,
-                                self.processes, self.device)
         return Estimate("encoder forward over train + val (the similarity top-k: host tensors, not counted)",
                         self._encoder(self.sizes.train + self.sizes.val) if self.sizes else None,
-                        cfg.batch_size, memory, self._knn_host())
+                        cfg.batch_size, self._encoder_memory(cfg, train=False), self._knn_host())
 
     def linprobe(self) -> Estimate:
         cfg = self.config.section("linprobe")
@@ -699,9 +688,8 @@ class _Estimator:
         else:
             counted = "frozen encoder forward over train + val once (cached features; head not counted)"
             images = self.sizes.train + self.sizes.val if self.sizes else None
-        memory = encoder_memory(self.model, self.img, self.chans, cfg.batch_size, self._bytes(cfg.amp), False,
-                                self.processes, self.device, extra_params=self.head)
-        return Estimate(counted, None if images is None else self._encoder(images), cfg.batch_size, memory)
+        return Estimate(counted, None if images is None else self._encoder(images), cfg.batch_size,
+                        self._encoder_memory(cfg, train=False, extra_params=self.head))
 
     def finetune(self) -> Estimate:
         cfg = self.config.section("finetune")
@@ -710,10 +698,9 @@ class _Estimator:
         if self.sizes:
             trained = cfg.epochs * self._epoch_images("finetune")
             flops = 3 * self._encoder(trained) + self._encoder(evals * self.sizes.val)
-        memory = encoder_memory(self.model, self.img, self.chans, cfg.batch_size, self._bytes(cfg.amp), True,
-                                self.processes, self.device, extra_params=self.head)
         return Estimate(f"encoder forward + backward (3x) over {cfg.epochs} epochs of train, {evals} val passes "
-                        "(head not counted)", flops, cfg.batch_size, memory, trained_images=trained)
+                        "(head not counted)", flops, cfg.batch_size,
+                        self._encoder_memory(cfg, train=True, extra_params=self.head), trained_images=trained)
 
     def consistency(self) -> Estimate:
         cfg = self.config.section("consistency")
@@ -735,11 +722,10 @@ class _Estimator:
     def _dense(self, stage: str, size: int) -> Estimate:
         cfg = self.config.section(stage)
         images = cfg.iterations * self.batches[stage][1]
-        memory = encoder_memory(self.model, size, self.chans, cfg.batch_size, self._bytes(cfg.amp), True,
-                                self.processes, self.device, lower_bound=True)
         return Estimate(f"backbone forward + backward (3x) at {size} px over {cfg.iterations} iterations, "
                         "attention counted global; heads, FPN and evaluation not counted (a lower bound)",
-                        3 * images * encoder_forward_flops(self.model, size, self.chans), cfg.batch_size, memory)
+                        3 * images * encoder_forward_flops(self.model, size, self.chans), cfg.batch_size,
+                        self._encoder_memory(cfg, train=True, img_size=size, lower_bound=True))
 
     def detect(self) -> Estimate:
         return self._dense("detect", self.config.section("detect").max_size)
@@ -764,8 +750,7 @@ def resolve_launcher(pipeline: Any, launcher_params: str | None = None,
     params tree's `launcher:` section, or `launcher_params` instead, with `overrides` on top."""
     from emae.launch.config import load_launcher_config
 
-    source = launcher_params if launcher_params else pipeline.config.extra.get("launcher", {})
-    return load_launcher_config(source, overrides)
+    return load_launcher_config(launcher_params or pipeline.config.extra.get("launcher", {}), overrides)
 
 
 def _device_of(launcher: Any, stage: str) -> tuple[Device, bool, str]:
