@@ -37,15 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_throughput, bes
 import step_throughput as st  # noqa: E402
 
 from emae.io import write_json  # noqa: E402
+from emae.workflow.plan import gpu_of_card  # noqa: E402
 
 VIT_B16 = st.Dims(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                   decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, batch_size=128)
 VIT_L16 = replace(VIT_B16, embed_dim=1024, depth=24, num_heads=16)
 SMOKE = st.SMOKE_DIMS
 # dense bf16 tensor-core peaks from the datasheets (SXM parts), for a labelled second MFU figure
-DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -159,10 +157,11 @@ def measure_case(case: Case, device: torch.device, amp_dtype: torch.dtype | None
 
 
 def datasheet_peak(device: torch.device) -> float | None:
+    """The dense bf16 peak of `emae plan`'s GPU table (one table: an H100 PCIe is 756, not 989 TFLOP/s)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in DATASHEET_BF16.items() if k in name), None)
+    card = gpu_of_card(torch.cuda.get_device_name(device))
+    return card.peak_flops if card else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
