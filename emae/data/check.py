@@ -10,19 +10,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from emae.config import add_config_arguments, config_from_args
 from emae.data.datasets import accept_scan, build_dataset
 from emae.data.scan import DatasetScan, scan_imagefolder
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from emae.config import add_config_arguments
-
-    add_config_arguments(parser)
+add_arguments = add_config_arguments
 
 
 def run(args: argparse.Namespace) -> int:
-    from emae.config import config_from_args
-
     data_cfg = config_from_args(args).data
     if data_cfg.kind != "imagefolder":
         sizes = {split: len(build_dataset(data_cfg, split, None)) for split in ("train", "val")}

@@ -14,18 +14,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from emae.config import add_config_arguments, config_from_args
 from emae.io import write_json
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from emae.config import add_config_arguments
-
-    add_config_arguments(parser)
+add_arguments = add_config_arguments
 
 
 def run(args: argparse.Namespace) -> None:
-    from emae.config import config_from_args
-
     config = config_from_args(args)
     out = Path(args.out or config.data.root)
     manifest = prepare_digits(out, config.data.image_size, config.prepare.val_fraction,

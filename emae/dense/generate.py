@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from emae.config import add_config_arguments, config_from_args
 from emae.io import read_json, write_json
 from emae.seeding import derive_seed
 
@@ -29,15 +30,10 @@ SPLITS = {"train": ("train2017", "training"), "val": ("val2017", "validation")}
 CATEGORIES = [{"id": d + 1, "name": str(d), "supercategory": "digit"} for d in range(10)]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from emae.config import add_config_arguments
-
-    add_config_arguments(parser)
+add_arguments = add_config_arguments
 
 
 def run(args: argparse.Namespace) -> None:
-    from emae.config import config_from_args
-
     config = config_from_args(args)
     cfg = config.section("dense_data")
     out = Path(args.out or cfg.root)
