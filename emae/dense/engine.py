@@ -121,11 +121,9 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
                 progress.set_postfix(loss=f"{last_loss:.3f}")
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
                 now = elapsed + time.perf_counter() - start
-                if dist_info.is_main:
-                    ckpt.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                "scaler": scaler.state_dict(), "iteration": iteration,
-                                                "elapsed_seconds": now, "loss": last_loss})
-                distributed.barrier(dist_info)
+                ckpt.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scaler": scaler.state_dict(), "iteration": iteration,
+                           "elapsed_seconds": now, "loss": last_loss}, dist_info)
             if iteration >= cfg.iterations:
                 break
     progress.close()

@@ -149,11 +149,8 @@ def finetune(config: Config, checkpoint: Path, out: Path, random_init: bool = Fa
 
     def save(elapsed_now: float, meter: LossMeter) -> None:
         meter.raise_if_non_finite(ckpt_path)
-        if dist_info.is_main:
-            ckpt.save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "elapsed_seconds": elapsed_now})
-        distributed.barrier(dist_info)
+        ckpt.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scaler": scaler.state_dict(), "step": step, "elapsed_seconds": elapsed_now}, dist_info)
 
     result: dict[str, float] = {}
     for epoch in range(step // steps_per_epoch, cfg.epochs):

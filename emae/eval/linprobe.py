@@ -132,9 +132,7 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
 
     def save(meter: LossMeter) -> None:
         meter.raise_if_non_finite(ckpt_path)  # every rank: all raise together, no bad head saved
-        if dist_info.is_main:
-            ckpt.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "step": step})
-        distributed.barrier(dist_info)
+        ckpt.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, dist_info)
 
     record: dict[str, Any] = {}
     best = 0.0

@@ -13,6 +13,7 @@ import torch
 from emae.config import Section, changed_params
 from emae.errors import EmaeError
 from emae.io import atomic_write
+from emae.train.distributed import DistInfo, barrier
 
 log = logging.getLogger("emae.checkpoint")
 
@@ -112,8 +113,11 @@ class RunCheckpoint:
             log.info("resuming from %s at %s %d/%d", self.path, counter, state[counter], total)
         return state
 
-    def save(self, state: dict[str, Any]) -> None:
-        save_checkpoint(self.path, {
-            **state, "inputs": self.inputs, "world_size": self.world_size, "precision": self.precision,
-            "params": {name: section.model_dump(mode="json") for name, section in self.params.items()},
-        })
+    def save(self, state: dict[str, Any], dist_info: DistInfo = DistInfo()) -> None:
+        """Rank 0 writes; every rank waits for it, so none runs ahead of the checkpoint on disk."""
+        if dist_info.is_main:
+            save_checkpoint(self.path, {
+                **state, "inputs": self.inputs, "world_size": self.world_size, "precision": self.precision,
+                "params": {name: section.model_dump(mode="json") for name, section in self.params.items()},
+            })
+        barrier(dist_info)

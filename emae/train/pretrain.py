@@ -243,13 +243,11 @@ def pretrain(config: Config, out: Path,
 def _save(ckpt: RunCheckpoint, model: EMAE, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
           config: Config, step: int, elapsed: float, dist_info: distributed.DistInfo) -> None:
     # no RNG states: every random draw is seeded from (seed, step, ...) by derive_seed
-    if dist_info.is_main:
-        ckpt.save({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "step": step, "elapsed_seconds": elapsed,
-            "config": config.to_dict(),
-        })
-    distributed.barrier(dist_info)
+    ckpt.save({
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(), "step": step, "elapsed_seconds": elapsed,
+        "config": config.to_dict(),
+    }, dist_info)
 
 
 def _check_epochs(before: int, epochs: int, step: int, steps_per_epoch: int, path: Path) -> None:
