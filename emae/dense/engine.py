@@ -19,7 +19,6 @@ from typing import Any, Callable
 import torch
 from timm.optim import param_groups_layer_decay
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -82,9 +81,7 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
                         num_workers=cfg.num_workers)
     if dist_info.is_main:
         truncate_jsonl(out / "log.jsonl", "iteration", iteration)
-    train_model = model
-    if dist_info.enabled:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = distributed.wrap_ddp(model, device, dist_info)
     model.train()
     progress = tqdm(total=cfg.iterations, initial=iteration, desc=section, unit="it", dynamic_ncols=True,
                     disable=not dist_info.is_main)

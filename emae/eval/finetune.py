@@ -36,7 +36,6 @@ from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -143,9 +142,7 @@ def finetune(config: Config, checkpoint: Path, out: Path, random_init: bool = Fa
         truncate_jsonl(out / "log.jsonl", "epoch", step // steps_per_epoch)
         log.info("fine-tuning %s: %d steps of %d images, lr %.3g, layer decay %g", checkpoint,
                  total_steps, eff_batch, lr, cfg.layer_decay)
-    train_model: nn.Module = model
-    if dist_info.enabled:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = distributed.wrap_ddp(model, device, dist_info)
 
     def save(elapsed_now: float, meter: LossMeter) -> None:
         meter.raise_if_non_finite(ckpt_path)

@@ -26,7 +26,6 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 from timm.optim import Lars
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -125,7 +124,7 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
     if dist_info.is_main:
         truncate_jsonl(out / "log.jsonl", "epoch", step // steps_per_epoch)
 
-    train_head: nn.Module = DistributedDataParallel(head) if dist_info.enabled else head
+    train_head = distributed.wrap_ddp(head, device, dist_info)
     loader = DataLoader(SeededDataset(train_set), batch_sampler=sampler,
                         num_workers=config.data.num_workers) if cached is None else None
     criterion = nn.CrossEntropyLoss()

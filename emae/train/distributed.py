@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from emae.errors import EmaeError
 
@@ -109,6 +110,13 @@ def gather_rows(row: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def mean_across(value: float, info: DistInfo, device: torch.device) -> float:
     """A Python number averaged over the ranks."""
     return float(all_reduce_mean(torch.tensor(value, device=device), info))
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device, info: DistInfo) -> torch.nn.Module:
+    """`module` in DistributedDataParallel when there are several ranks, else itself."""
+    if not info.enabled:
+        return module
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def cleanup(info: DistInfo) -> None:

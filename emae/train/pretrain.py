@@ -32,7 +32,6 @@ from typing import Any, Callable
 
 import torch
 from timm.optim import param_groups_weight_decay
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -131,8 +130,7 @@ def pretrain(config: Config, out: Path,
     train_model: torch.nn.Module = model
     if cfg.compile:
         train_model = torch.compile(model)
-    if dist_info.enabled:
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = distributed.wrap_ddp(train_model, device, dist_info)
 
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
