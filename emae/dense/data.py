@@ -27,6 +27,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from emae.data.datasets import IMAGE_EXTENSIONS
+from emae.data.images import load_rgb
 from emae.errors import EmaeError
 
 BOX_TOLERANCE = 1.0  # pixels a COCO box may reach past its image (float rounding in real sets)
@@ -38,14 +39,6 @@ def _fail(path: Path | str, what: str, problems: list[str]) -> None:
         shown = "; ".join(problems[:MAX_LISTED])
         more = f" ... ({len(problems)} in all)" if len(problems) > MAX_LISTED else ""
         raise EmaeError(f"{path}: {what}: {shown}{more}")
-
-
-def _open_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise EmaeError(f"{path}: cannot read image ({err})") from None
 
 
 # ----------------------------------------------------------------------------------- COCO
@@ -158,7 +151,7 @@ class CocoInstances(Dataset):
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         path = self.image_dir / info["file_name"]
-        image = _open_rgb(path)
+        image = load_rgb(str(path))
         if image.size != (info["width"], info["height"]):
             raise EmaeError(f"{path}: image is {image.size[0]}x{image.size[1]} but "
                             f"{self.annotation_file} says {info['width']}x{info['height']}")
@@ -272,7 +265,7 @@ class SemanticSegmentation(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, label_path = self.pairs[index]
-        image = tv_tensors.Image(v2.functional.pil_to_tensor(_open_rgb(image_path)))
+        image = tv_tensors.Image(v2.functional.pil_to_tensor(load_rgb(str(image_path))))
         raw = _read_label(label_path)
         if raw.shape != tuple(image.shape[-2:]):
             raise EmaeError(f"{label_path}: label is {raw.shape[1]}x{raw.shape[0]} but its image "
