@@ -23,6 +23,9 @@ from emae.workflow.stages import DENSE_STAGES, EVAL_STAGES, MODEL_STAGES, Pipeli
 
 # dense transfer metrics (percent) in the summary, when their stages run
 DENSE_KEYS = {"detect": ("det_ap_box", "det_ap_mask"), "segment": ("seg_miou",)}
+# per evaluation stage: summary column -> its key in the stage's metrics.json
+STAGE_COLUMNS = {**{stage: {f"{stage}_top1": "top1", f"{stage}_top5": "top5"} for stage in EVAL_STAGES},
+                 **{stage: {key: key for key in keys} for stage, keys in DENSE_KEYS.items()}}
 
 # Columns of the per-variant summary that are the same for all seeds of a variant.
 SETTINGS = ["K", "mask_ratio", "consistency_weight", "epochs", "batch", "lr"]
@@ -85,35 +88,26 @@ def run_row(pipeline: Pipeline, run: Run, root: Path = Path(".")) -> dict[str, A
         "final_recon_loss": _number(pre, "final_recon_loss", path),
         "pretrain_knn_top1": float(pre.get("knn_top1", math.nan)),
     }
-    row |= _eval_figures(pipeline, run, EVAL_STAGES, root)
+    row |= _stage_figures(pipeline, run, EVAL_STAGES, root)
     row["consistency"] = math.nan
     if pipeline.stage_enabled("consistency"):
         path = root / run.result_dir("consistency") / "metrics.json"
         row["consistency"] = _number(_metrics(path), "consistency", path)
-    return row | _dense_figures(pipeline, run, DENSE_STAGES, root)
+    return row | _stage_figures(pipeline, run, DENSE_STAGES, root)
 
 
-def _eval_figures(pipeline: Pipeline, run: Run, stages: tuple[str, ...], root: Path) -> dict[str, float]:
+def _stage_figures(pipeline: Pipeline, run: Run, shown: tuple[str, ...], root: Path,
+                   ran: tuple[str, ...] | None = None) -> dict[str, float]:
+    """The STAGE_COLUMNS of the `shown` stages: the figures of those `run` ran (`ran`, by default
+    every one), where the pipeline has them on; NaN for the others."""
     row = {}
-    for stage in EVAL_STAGES:
-        for key in ("top1", "top5"):
-            row[f"{stage}_{key}"] = math.nan
-        if stage in stages and pipeline.stage_enabled(stage):
+    for stage in shown:
+        columns = STAGE_COLUMNS[stage]
+        row |= dict.fromkeys(columns, math.nan)
+        if (ran is None or stage in ran) and pipeline.stage_enabled(stage):
             path = root / run.result_dir(stage) / "metrics.json"
             metrics = _metrics(path)
-            row[f"{stage}_top1"] = _number(metrics, "top1", path)
-            row[f"{stage}_top5"] = _number(metrics, "top5", path)
-    return row
-
-
-def _dense_figures(pipeline: Pipeline, run: Run, stages: tuple[str, ...], root: Path) -> dict[str, float]:
-    row = {}
-    for stage, keys in DENSE_KEYS.items():
-        row |= {key: math.nan for key in keys}
-        if stage in stages and pipeline.stage_enabled(stage):
-            path = root / run.result_dir(stage) / "metrics.json"
-            metrics = _metrics(path)
-            row |= {key: _number(metrics, key, path) for key in keys}
+            row |= {column: _number(metrics, key, path) for column, key in columns.items()}
     return row
 
 
@@ -122,7 +116,7 @@ def baseline_row(pipeline: Pipeline, run: Run, root: Path = Path(".")) -> dict[s
     row: dict[str, Any] = {"variant": run.variant, "seed": run.seed,
                            **{c: math.nan for c in [*SETTINGS, *MEASURES, "pretrain_knn_top1"]}}
     stages = tuple(pipeline.baseline_stages(run))
-    return row | _eval_figures(pipeline, run, stages, root) | _dense_figures(pipeline, run, stages, root)
+    return row | _stage_figures(pipeline, run, EVAL_STAGES + DENSE_STAGES, root, ran=stages)
 
 
 def runs_table(pipeline: Pipeline, root: Path = Path(".")) -> pd.DataFrame:
