@@ -108,8 +108,7 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate: Callable, step_fn: 
             if log_now or iteration % cfg.checkpoint_every == 0:  # before every save
                 meter.raise_if_non_finite(ckpt_path, f"{section}: ")
             if log_now:  # the mean over the steps since the last line
-                step_losses = {k: distributed.mean_across(v / metered_steps, dist_info, device)
-                               for k, v in meter.totals().items()}
+                step_losses = meter.means(metered_steps)
                 meter, metered_steps = None, 0
                 last_loss = step_losses["loss"]
                 if dist_info.is_main:

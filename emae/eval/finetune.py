@@ -190,7 +190,7 @@ def finetune(config: Config, checkpoint: Path, out: Path, random_init: bool = Fa
         meter.raise_if_non_finite(ckpt_path)
         record: dict[str, Any] = {
             "epoch": epoch + 1, "step": step, "lr": max(g["lr"] for g in optimizer.param_groups),
-            "loss": distributed.mean_across(meter.totals()["loss"] / max(loss_steps, 1), dist_info, device),
+            "loss": meter.means(loss_steps)["loss"],
             "epoch_seconds": epoch_seconds, "images_per_s": images / epoch_seconds}
         if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs:
             result = evaluate(model, val_set, cfg.batch_size, config.data.num_workers, device,

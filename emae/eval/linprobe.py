@@ -167,7 +167,7 @@ def linear_probe(encoder: nn.Module, config: Config, out: Path, train_set: Any, 
         result = _evaluate(head, val_feats, val_labels, device)
         best = max(best, result["top1"])
         record = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                  "loss": distributed.mean_across(meter.totals()["loss"] / max(steps_run, 1), dist_info, device),
+                  "loss": meter.means(steps_run)["loss"],
                   **result}
         if dist_info.is_main:
             append_jsonl(out / "log.jsonl", record)

@@ -189,8 +189,10 @@ class LossMeter:
         index, rank = min(bad)
         return rank, index, table[rank, 2:].tolist(), bool(table[0, 1])
 
-    def totals(self) -> dict[str, float]:
-        return dict(zip(self.names, self.sums.tolist()))
+    def means(self, steps: int) -> dict[str, float]:
+        """Each term's sum over this process's `steps` (at least 1) divided by them, averaged over
+        the ranks (one collective for all terms: every rank calls it at the same points)."""
+        return dict(zip(self.names, distributed.all_reduce_mean(self.sums / max(steps, 1), self.dist_info).tolist()))
 
     def latest(self) -> dict[str, float]:
         return dict(zip(self.names, self.last.tolist()))

@@ -107,11 +107,6 @@ def gather_rows(row: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return table
 
 
-def mean_across(value: float, info: DistInfo, device: torch.device) -> float:
-    """A Python number averaged over the ranks."""
-    return float(all_reduce_mean(torch.tensor(value, device=device), info))
-
-
 def wrap_ddp(module: torch.nn.Module, device: torch.device, info: DistInfo) -> torch.nn.Module:
     """`module` in DistributedDataParallel when there are several ranks, else itself."""
     if not info.enabled:

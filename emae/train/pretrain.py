@@ -191,8 +191,7 @@ def pretrain(config: Config, out: Path,
         elapsed += epoch_seconds
         steps_run = max(step - epoch_start_step, 1)  # steps this process ran in this epoch
         meter.raise_if_non_finite(ckpt_path)
-        epoch_stats = {k: distributed.mean_across(v / steps_run, dist_info, device)
-                       for k, v in meter.totals().items()}
+        epoch_stats = meter.means(steps_run)
         epoch_stats |= {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                         "images_per_s": epoch_images / epoch_seconds, "epoch_seconds": epoch_seconds,
                         "pretrain_seconds": elapsed, "flops": step * eff_batch * flops_per_image}
