@@ -74,15 +74,20 @@ def code_version() -> dict[str, Any]:
             "diff_sha256": hashlib.sha256((status + diff).encode()).hexdigest() if status.strip() else None}
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), for figures that depend on the machine."""
+def _cpuinfo(field: str) -> str | None:
+    """The first `field` of /proc/cpuinfo (Linux), or None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for figures that depend on the machine."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 @lru_cache(maxsize=1)
@@ -90,14 +95,7 @@ def cpu_bf16() -> str | None:
     """The CPU's native bf16 matmul support: "amx_bf16" (Intel AMX tiles), "avx512_bf16"
     (AVX512-BF16 dot products: Intel Cooper Lake+, AMD Zen 4+), or None (bf16 is emulated there,
     slower than fp32). From the /proc/cpuinfo flags, else from torch's own CPU probe."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    flags = set((_cpuinfo("flags") or "").split())
     if not flags:  # no /proc (macOS, Windows): torch reads CPUID itself
         try:
             import torch
