@@ -173,7 +173,8 @@ class CocoInstances(Dataset):
                                                for k, v in target.items()}
 
 
-def detection_collate(batch: list[Any]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+def list_collate(batch: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
+    """(images, targets) as two lists: the dense sets' images differ in size, so they are not stacked."""
     images, targets = zip(*batch)
     return list(images), list(targets)
 
@@ -288,8 +289,3 @@ def pad_batch(images: list[torch.Tensor], divisor: int, value: float = 0.0) -> t
     for k, image in enumerate(images):
         out[k, :, : image.shape[-2], : image.shape[-1]] = image
     return out
-
-
-def segmentation_collate(batch: list[Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    images, labels = zip(*batch)
-    return list(images), list(labels)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from emae.config import Config, save_config
 from emae.dense.backbone import ViTDetBackbone, build_backbone, no_weight_decay, vit_group_matcher
-from emae.dense.data import CocoInstances, detection_collate
+from emae.dense.data import CocoInstances, list_collate
 from emae.dense.engine import fit
 from emae.eval.features import add_encoder_evaluation_arguments, run_encoder_evaluation
 from emae.errors import EmaeError
@@ -115,7 +115,7 @@ def detect(config: Config, encoder: Path, out: Path, random_init: bool = False) 
 
     model.transform.min_size = tuple(cfg.min_size)
     inputs = {"encoder": encoder_digest(encoder, random_init), "data": tree_digest(cfg.root)}
-    train = fit(model, train_set, detection_collate, step, cfg, "detect", out,
+    train = fit(model, train_set, list_collate, step, cfg, "detect", out,
                 inputs, no_weight_decay(), device, dist_info)
     model.transform.min_size = (cfg.test_min_size,)
     start = time.perf_counter()
@@ -146,7 +146,7 @@ def predict(model: torch.nn.Module, dataset: CocoInstances, batch_size: int, dev
 
     model.eval()
     share = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
-    loader = DataLoader(share, batch_size=batch_size, collate_fn=detection_collate)
+    loader = DataLoader(share, batch_size=batch_size, collate_fn=list_collate)
     detections: list[dict[str, Any]] = []
     for images, targets in tqdm(loader, desc="detect eval", unit="batch", leave=False,
                                 disable=not dist_info.is_main):

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from emae.config import Config, save_config
 from emae.dense.backbone import ViTDetBackbone, build_backbone, no_weight_decay, vit_group_matcher
-from emae.dense.data import SemanticSegmentation, pad_batch, segmentation_collate
+from emae.dense.data import SemanticSegmentation, pad_batch, list_collate
 from emae.dense.engine import fit
 from emae.eval.features import add_encoder_evaluation_arguments, run_encoder_evaluation
 from emae.provenance import encoder_digest, tree_digest, write_metrics
@@ -126,7 +126,7 @@ def segment(config: Config, encoder: Path, out: Path, random_init: bool = False)
         return {"loss_ce": F.cross_entropy(model(x), y, ignore_index=cfg.ignore_index)}
 
     inputs = {"encoder": encoder_digest(encoder, random_init), "data": tree_digest(cfg.root)}
-    train = fit(model, train_set, segmentation_collate, step, cfg, "segment", out,
+    train = fit(model, train_set, list_collate, step, cfg, "segment", out,
                 inputs, no_weight_decay(), device, dist_info)
     start = time.perf_counter()
     scores = evaluate(model, val_set, cfg.num_classes, cfg.ignore_index, cfg.eval_batch_size, divisor,
@@ -150,7 +150,7 @@ def evaluate(model: Segmenter, dataset: SemanticSegmentation, num_classes: int, 
     confusion matrices are summed."""
     model.eval()
     share = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
-    loader = DataLoader(share, batch_size=batch_size, collate_fn=segmentation_collate)
+    loader = DataLoader(share, batch_size=batch_size, collate_fn=list_collate)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # [truth, prediction]
     for images, labels in tqdm(loader, desc="segment eval", unit="batch", leave=False,
                                disable=not dist_info.is_main):
