@@ -37,18 +37,24 @@ def run(args: argparse.Namespace) -> None:
     accept_scan(config.data, scan)
 
 
-def prepare_digits(out: Path, image_size: int, val_fraction: float, seed: int) -> dict[str, Any]:
+def digit_split(val_fraction: float, seed: int) -> tuple[Any, dict[str, np.ndarray]]:
+    """scikit-learn's digits and the sorted indices of their stratified train / val split: the one
+    split of the embedded set, which the dense set reuses (no evaluated digit seen in pre-training)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
+    train_idx, val_idx = train_test_split(np.arange(len(digits.images)), test_size=val_fraction,
+                                          random_state=seed, stratify=digits.target)
+    return digits, {"train": np.sort(train_idx), "val": np.sort(val_idx)}
+
+
+def prepare_digits(out: Path, image_size: int, val_fraction: float, seed: int) -> dict[str, Any]:
+    digits, splits = digit_split(val_fraction, seed)
     images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # [N, 8, 8], 0..16 -> 0..255
-    indices = np.arange(len(images))
-    train_idx, val_idx = train_test_split(indices, test_size=val_fraction, random_state=seed,
-                                          stratify=digits.target)
     files: dict[str, list[str]] = {}
-    for split, split_idx in (("train", train_idx), ("val", val_idx)):
-        for i in sorted(split_idx):
+    for split, split_idx in splits.items():
+        for i in split_idx:
             label = int(digits.target[i])
             path = out / split / str(label) / f"{i:04d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +66,7 @@ def prepare_digits(out: Path, image_size: int, val_fraction: float, seed: int) -
         for rel in files[split]:
             digest.update((out / rel).read_bytes())
     manifest = {"source": "sklearn.datasets.load_digits", "image_size": image_size,
-                "num_classes": 10, "num_train": len(train_idx), "num_val": len(val_idx),
+                "num_classes": 10, "num_train": len(splits["train"]), "num_val": len(splits["val"]),
                 "val_fraction": val_fraction, "seed": seed, "sha256": digest.hexdigest()}
     write_json(out / "manifest.json", manifest)
     return manifest

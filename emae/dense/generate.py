@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from emae.config import add_config_arguments, config_from_args
+from emae.data.prepare import digit_split
 from emae.io import read_json, write_json
 from emae.seeding import derive_seed
 
@@ -49,7 +50,8 @@ def prepare_dense(out: Path, cfg: Any, val_fraction: float, split_seed: int) -> 
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and read_json(manifest_path).get("settings") == settings:
         return read_json(manifest_path)
-    glyphs, targets, pools = _digit_pools(val_fraction, split_seed)
+    digits, pools = digit_split(val_fraction, split_seed)  # the digits as 0..1 glyphs, `emae prepare`'s split
+    glyphs, targets = digits.images / 16.0, digits.target
     counts, files = {}, []
     for split, (coco_split, ade_split) in SPLITS.items():
         num = cfg.num_train if split == "train" else cfg.num_val
@@ -84,17 +86,6 @@ def prepare_dense(out: Path, cfg: Any, val_fraction: float, split_seed: int) -> 
     write_json(manifest_path, manifest)
     return manifest
 
-
-def _digit_pools(val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Digits as 0..1 glyphs and the indices of the train / val split of `emae prepare`."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    indices = np.arange(len(digits.images))
-    train_idx, val_idx = train_test_split(indices, test_size=val_fraction, random_state=seed,
-                                          stratify=digits.target)
-    return digits.images / 16.0, digits.target, {"train": np.sort(train_idx), "val": np.sort(val_idx)}
 
 
 def make_canvas(rng: np.random.Generator, glyphs: np.ndarray, targets: np.ndarray, pool: np.ndarray,
