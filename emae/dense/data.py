@@ -173,12 +173,6 @@ class CocoInstances(Dataset):
                                                for k, v in target.items()}
 
 
-def list_collate(batch: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
-    """(images, targets) as two lists: the dense sets' images differ in size, so they are not stacked."""
-    images, targets = zip(*batch)
-    return list(images), list(targets)
-
-
 # ------------------------------------------------------------------------------ ADE20K-style
 
 
@@ -289,3 +283,9 @@ def pad_batch(images: list[torch.Tensor], divisor: int, value: float = 0.0) -> t
     for k, image in enumerate(images):
         out[k, :, : image.shape[-2], : image.shape[-1]] = image
     return out
+
+
+def list_collate(batch: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
+    """(images, targets) as two lists: the dense sets' images differ in size, so they are not stacked."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)

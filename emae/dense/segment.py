@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from emae.config import Config, save_config
 from emae.dense.backbone import ViTDetBackbone, build_backbone, no_weight_decay, vit_group_matcher
-from emae.dense.data import SemanticSegmentation, pad_batch, list_collate
+from emae.dense.data import SemanticSegmentation, list_collate, pad_batch
 from emae.dense.engine import fit
 from emae.eval.features import add_encoder_evaluation_arguments, run_encoder_evaluation
 from emae.provenance import encoder_digest, tree_digest, write_metrics
